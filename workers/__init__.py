@@ -1,0 +1,67 @@
+"""klstudy's trial side: the β schedule, data, the sentence VAE, metrics and the trainer.
+
+Imports neither ``study`` nor ``analysis``; Ray and MLflow appear only in ``workers._trainable``.
+"""
+
+from __future__ import annotations
+
+from workers._config import MODEL_DEFAULTS, ConfigError, TrialConfig
+from workers._data import PTB_COUNTS, Batch, Corpus, DataError, Vocab, load_corpus, make_batch
+from workers._metrics import active_units, evaluate, importance_weighted_nll, mutual_information
+from workers._models import ModelShape, SentenceVAE, gaussian_kl, log_normal, reparameterize
+from workers._schedules import (
+    LR_SCHEDULES,
+    RAMPS,
+    at_beta_max,
+    beta_at,
+    cycle_position,
+    is_cycle_end,
+    lr_at,
+    ramp_value,
+)
+from workers._trainer import (
+    CheckpointError,
+    Evaluation,
+    NonFiniteLossError,
+    TrialResult,
+    build_model,
+    load_trial_corpus,
+    train_trial,
+)
+
+__all__ = [
+    "LR_SCHEDULES",
+    "MODEL_DEFAULTS",
+    "PTB_COUNTS",
+    "RAMPS",
+    "Batch",
+    "CheckpointError",
+    "ConfigError",
+    "Corpus",
+    "DataError",
+    "Evaluation",
+    "ModelShape",
+    "NonFiniteLossError",
+    "SentenceVAE",
+    "TrialConfig",
+    "TrialResult",
+    "Vocab",
+    "active_units",
+    "at_beta_max",
+    "beta_at",
+    "build_model",
+    "cycle_position",
+    "evaluate",
+    "gaussian_kl",
+    "importance_weighted_nll",
+    "is_cycle_end",
+    "load_corpus",
+    "load_trial_corpus",
+    "log_normal",
+    "lr_at",
+    "make_batch",
+    "mutual_information",
+    "ramp_value",
+    "reparameterize",
+    "train_trial",
+]

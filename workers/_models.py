@@ -1,0 +1,96 @@
+"""The LSTM sentence VAE used for both the paper's toy problem and the PTB experiments.
+
+Encoder: an LSTM reads ``w_1 … w_L </s>``; its top-layer output at the last real token gives
+(μ, log σ²) of a diagonal Gaussian q(z|x). Decoder (Bowman et al. 2016 / sa-vae): an LSTM whose
+initial hidden state is a linear map of z and whose every input embedding is concatenated with z,
+with dropout on its inputs and outputs. Padding never enters a loss: targets at ``<pad>`` are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers._data import PAD_ID, Batch
+
+_INIT_RANGE = 0.1  # U(−0.1, 0.1) initialisation of every parameter, as in sa-vae / the paper's code
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    emb_dim: int
+    hidden_dim: int
+    latent_dim: int
+    n_layers: int
+    dropout: float
+
+
+class SentenceVAE(nn.Module):
+    def __init__(self, shape: ModelShape) -> None:
+        super().__init__()
+        self.shape = shape
+        s = shape
+        self.enc_emb = nn.Embedding(s.vocab_size, s.emb_dim, padding_idx=PAD_ID)
+        self.encoder = nn.LSTM(s.emb_dim, s.hidden_dim, num_layers=s.n_layers, batch_first=True)
+        self.to_stats = nn.Linear(s.hidden_dim, 2 * s.latent_dim)
+        self.dec_emb = nn.Embedding(s.vocab_size, s.emb_dim, padding_idx=PAD_ID)
+        self.z_to_h0 = nn.Linear(s.latent_dim, s.n_layers * s.hidden_dim)
+        self.decoder = nn.LSTM(
+            s.emb_dim + s.latent_dim, s.hidden_dim, num_layers=s.n_layers, batch_first=True
+        )
+        self.drop = nn.Dropout(s.dropout)
+        self.out = nn.Linear(s.hidden_dim, s.vocab_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -_INIT_RANGE, _INIT_RANGE)
+
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of q(z|x), each ``[B, latent_dim]``."""
+        words = batch.tokens[:, 1:]  # w_1 … w_L </s> <pad>…
+        outputs, _ = self.encoder(self.enc_emb(words))
+        last = (batch.lengths - 1).view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])
+        h = outputs.gather(1, last).squeeze(1)
+        mu, logvar = self.to_stats(h).chunk(2, dim=-1)
+        return mu, logvar
+
+    def reconstruction_nll(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
+        """−log p(x|z) per sentence, ``[N]``, summed over the |x| predicted tokens.
+
+        ``z`` is ``[N, latent_dim]`` with N a multiple of B: sample k of sentence i is row k·B + i.
+        """
+        n_rep = z.shape[0] // len(batch)
+        tokens = batch.tokens.repeat(n_rep, 1) if n_rep > 1 else batch.tokens
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        emb = self.drop(self.dec_emb(inputs))
+        steps = emb.shape[1]
+        dec_in = torch.cat([emb, z.unsqueeze(1).expand(-1, steps, -1)], dim=-1)
+        s = self.shape
+        h0 = self.z_to_h0(z).view(-1, s.n_layers, s.hidden_dim).transpose(0, 1).contiguous()
+        outputs, _ = self.decoder(dec_in, (h0, torch.zeros_like(h0)))
+        logits = self.out(self.drop(outputs))
+        nll = F.cross_entropy(
+            logits.reshape(-1, s.vocab_size), targets.reshape(-1), ignore_index=PAD_ID, reduction="none"
+        )
+        return nll.view(targets.shape).sum(dim=1)
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + eps * torch.exp(0.5 * logvar)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) per row, analytic."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=-1)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; μ, diag σ²), summed over the last dimension (broadcasting)."""
+    return -0.5 * (_LOG_2PI + logvar + (z - mu).pow(2) / logvar.exp()).sum(dim=-1)

@@ -1,0 +1,131 @@
+"""The paper's β schedule (Fu et al. 2019, eq. 6–7) and the learning-rate schedule.
+
+Pure, closed-form functions of the 1-based optimizer step ``t``: no state, no arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+Ramp = Literal["linear", "sigmoid", "cosine"]
+LrSchedule = Literal["constant", "cyclical_cosine"]
+
+RAMPS: tuple[str, ...] = get_args(Ramp)
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+
+_SIGMOID_K = 12.0  # steepness of the official code's 1/(1+exp(-(12v-6)))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+_SIG_LO = _sigmoid(-_SIGMOID_K / 2)
+_SIG_HI = _sigmoid(_SIGMOID_K / 2)
+
+
+def ramp_value(u: float, ramp: Ramp) -> float:
+    """g(u) on [0, 1]: increasing, g(0) = 0 and g(1) = 1 exactly."""
+    if u <= 0.0:
+        return 0.0
+    if u >= 1.0:
+        return 1.0
+    if ramp == "linear":
+        return u
+    if ramp == "cosine":
+        return (1.0 - math.cos(math.pi * u)) / 2.0
+    if ramp == "sigmoid":
+        s = _sigmoid(_SIGMOID_K * (u - 0.5))
+        return (s - _SIG_LO) / (_SIG_HI - _SIG_LO)
+    raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
+
+
+def _check_step(step: int, total_steps: int, n_cycles: int) -> None:
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+    if n_cycles < 1:
+        raise ValueError(f"n_cycles must be at least 1, got {n_cycles}")
+    if not 1 <= step <= total_steps:
+        raise ValueError(f"step must be in [1, total_steps={total_steps}], got {step}")
+
+
+def cycle_position(step: int, *, total_steps: int, n_cycles: int) -> float:
+    """τ(t) = mod(t − 1, ⌈T/M⌉) / (T/M): the position of step t inside its cycle, in [0, 1)."""
+    _check_step(step, total_steps, n_cycles)
+    period = math.ceil(total_steps / n_cycles)
+    return ((step - 1) % period) / (total_steps / n_cycles)
+
+
+def beta_at(
+    step: int,
+    *,
+    total_steps: int,
+    n_cycles: int,
+    ratio: float,
+    ramp: Ramp = "linear",
+    beta_max: float = 1.0,
+) -> float:
+    """β at optimizer step ``step`` (1-based), per the paper's eq. 6–7.
+
+    Args:
+        step: the paper's t, in [1, total_steps].
+        total_steps: T, the trial's total number of optimizer steps.
+        n_cycles: M ≥ 1; M = 1 is monotonic annealing.
+        ratio: R ∈ [0, 1], the proportion of each cycle spent ramping; R = 0 is the constant schedule.
+        ramp: the ramp function g.
+        beta_max: β in the fixing stage, > 0.
+
+    Returns:
+        β_max · g(τ/R) while τ ≤ R (R > 0), β_max otherwise.
+
+    Raises:
+        ValueError: for an argument outside the ranges above.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if not beta_max > 0.0:
+        raise ValueError(f"beta_max must be > 0, got {beta_max}")
+    tau = cycle_position(step, total_steps=total_steps, n_cycles=n_cycles)
+    if ratio > 0.0 and tau <= ratio:
+        return beta_max * ramp_value(tau / ratio, ramp)
+    return beta_max
+
+
+def at_beta_max(step: int, *, total_steps: int, n_cycles: int, ratio: float) -> bool:
+    """True when step t is in a fixing stage (β = β_max).
+
+    With R = 1 the ramp only approaches β_max; there the last step of each cycle counts
+    as the fixing stage (DESIGN §4).
+    """
+    tau = cycle_position(step, total_steps=total_steps, n_cycles=n_cycles)
+    if ratio <= 0.0 or tau > ratio:
+        return True
+    if ratio >= 1.0:
+        return is_cycle_end(step, total_steps=total_steps, n_cycles=n_cycles)
+    return False
+
+
+def is_cycle_end(step: int, *, total_steps: int, n_cycles: int) -> bool:
+    """True when step t is the last step of its cycle (or of training)."""
+    _check_step(step, total_steps, n_cycles)
+    period = math.ceil(total_steps / n_cycles)
+    return step == total_steps or step % period == 0
+
+
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    schedule: LrSchedule = "constant",
+    total_steps: int,
+    n_cycles: int,
+) -> float:
+    """Learning rate at step t: constant, or lr · ½(1 + cos(π·τ)) restarting with each β cycle."""
+    if schedule == "constant":
+        _check_step(step, total_steps, n_cycles)
+        return lr
+    if schedule == "cyclical_cosine":
+        tau = cycle_position(step, total_steps=total_steps, n_cycles=n_cycles)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * tau))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
