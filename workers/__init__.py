@@ -9,6 +9,18 @@ from workers._config import MODEL_DEFAULTS, ConfigError, TrialConfig
 from workers._data import PTB_COUNTS, Batch, Corpus, DataError, Vocab, load_corpus, make_batch
 from workers._metrics import active_units, evaluate, importance_weighted_nll, mutual_information
 from workers._models import ModelShape, SentenceVAE, gaussian_kl, log_normal, reparameterize
+from workers._records import (
+    CONFIG_COLUMNS,
+    EVAL_COLUMNS,
+    LATENT_COLUMNS,
+    METRIC_COLUMNS,
+    STATUSES,
+    TRIAL_COLUMNS,
+    config_columns,
+    evaluation_rows,
+    latent_rows,
+    mlflow_metrics,
+)
 from workers._schedules import (
     LR_SCHEDULES,
     RAMPS,
@@ -30,6 +42,16 @@ from workers._trainer import (
 )
 
 __all__ = [
+    "CONFIG_COLUMNS",
+    "EVAL_COLUMNS",
+    "LATENT_COLUMNS",
+    "METRIC_COLUMNS",
+    "STATUSES",
+    "TRIAL_COLUMNS",
+    "config_columns",
+    "evaluation_rows",
+    "latent_rows",
+    "mlflow_metrics",
     "LR_SCHEDULES",
     "MODEL_DEFAULTS",
     "PTB_COUNTS",

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 _CHECKPOINT_FORMAT = 1
+_MAX_LATENT_POINTS = 1000
 # Fields that may differ between a checkpoint and the config resuming it.
 _RESUMABLE_DIFFERENCES = {"device", "num_threads", "trial_id", "total_steps", "eval_every_steps"}
 
@@ -58,6 +59,7 @@ class Evaluation:
     final: bool
     at_beta_max: bool
     checkpoint: Path | None
+    latents: list[tuple[float, float]] | None = None  # 2-D models: valid posterior means
 
     def flat(self) -> dict[str, float]:
         """``{"train/loss": …, "valid/elbo": …, "test/…": …}`` for loggers."""
@@ -193,6 +195,7 @@ class _Trainer:
             "kl": kl,
         }
         return Evaluation(
+            latents=self._latent_means("valid") if c.latent_dim == 2 else None,
             step=t,
             train=train,
             valid=self._evaluate_split("valid", with_iw=final),
@@ -201,6 +204,19 @@ class _Trainer:
             at_beta_max=at_beta_max(t, total_steps=c.total_steps, n_cycles=c.n_cycles, ratio=c.ratio),
             checkpoint=checkpoint,
         )
+
+    @torch.no_grad()
+    def _latent_means(self, split: str) -> list[tuple[float, float]]:
+        """E_q[z|x] of up to ``_MAX_LATENT_POINTS`` sentences of a split (for 2-D scatter plots)."""
+        was_training = self.model.training
+        self.model.eval()
+        means = []
+        for batch in self.corpus.eval_batches(split, batch_size=self.config.eval_batch_size):
+            means.append(self.model.encode(batch.to(self.device))[0].cpu())
+            if sum(len(m) for m in means) >= _MAX_LATENT_POINTS:
+                break
+        self.model.train(was_training)
+        return [tuple(row) for row in torch.cat(means)[:_MAX_LATENT_POINTS].tolist()]
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, directory: Path) -> Path:
