@@ -131,6 +131,156 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- klstudy validate / run / resume / status / submit ----------------------------------------
+def _load_spec(path: Path):  # -> (StudySpec, text)
+    from study._spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(path)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    return spec, path.read_text()
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a study spec and print how many trials it expands to")
+    p.add_argument("spec", type=Path)
+    p.set_defaults(handler=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    spec, _ = _load_spec(args.spec)
+    axes = spec.search_space()
+    shape = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+    print(f"{args.spec}: ok — study {spec.name!r}, {spec.n_trials()} trials "
+          f"({spec.search.kind}: {shape} x {len(spec.seeds)} seeds)")
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a study to the end (embedded Ray and MLflow by default)")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--study-dir", type=Path, default=None, help="default: ./klstudy-runs/<name>")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the study dir)")
+    p.set_defaults(handler=_cmd_run)
+
+
+def _show_progress() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    progress = logging.getLogger("klstudy.progress")
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+
+
+def _print_summary(summary) -> None:
+    c = summary.counts
+    print(f"study {summary.name!r} finished in {summary.wall_s:.0f} s: {c.get('completed', 0)} completed, "
+          f"{c.get('pruned', 0)} pruned, {c.get('error', 0)} failed")
+    if summary.best_trial:
+        print(f"best validation ELBO {summary.best_elbo:.4f}: {summary.best_trial}")
+    print(f"study dir: {summary.study_dir}")
+    print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
+          f"report: klstudy report {summary.study_dir}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from study._driver import StudyError, run_study
+
+    spec, text = _load_spec(args.spec)
+    study_dir = args.study_dir or Path("klstudy-runs") / spec.name
+    print(f"study {spec.name!r}: {spec.n_trials()} trials -> {study_dir}", flush=True)
+    _show_progress()
+    try:
+        summary = run_study(spec, text, study_dir=study_dir, address=args.address,
+                            tracking_uri=args.tracking_uri)
+    except StudyError as exc:
+        raise UserError(str(exc)) from None
+    _print_summary(summary)
+    return 0 if summary.counts.get("completed", 0) + summary.counts.get("pruned", 0) else 1
+
+
+def _add_resume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resume", help="restore a killed study from its directory and finish it")
+    p.add_argument("study_dir", type=Path)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: as recorded)")
+    p.set_defaults(handler=_cmd_resume)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from study._driver import StudyError, resume_study
+
+    _show_progress()
+    try:
+        summary = resume_study(args.study_dir, address=args.address)
+    except StudyError as exc:
+        raise UserError(str(exc)) from None
+    _print_summary(summary)
+    return 0
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="summarise a study directory (starts nothing)")
+    p.add_argument("study_dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from study._driver import StudyError, study_status
+
+    try:
+        status = study_status(args.study_dir)
+    except StudyError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(status, default=str))
+        return 0
+    c = status["counts"]
+    print(f"study {status['name']!r} ({status['status']}) in {status['study_dir']}")
+    print(f"  trials {status['n_trials']}: {c['completed']} completed, {c['pruned']} pruned, "
+          f"{c['running']} running, {c['error']} failed, {c['pending']} pending")
+    if status["best_trial"]:
+        print(f"  best validation ELBO {status['best_elbo']:.4f}: {status['best_trial']}")
+    print(f"  MLflow: {status['tracking_uri']}")
+    return 0
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="run a study on a Ray cluster through the Ray Jobs API")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://HOST:8265")
+    p.add_argument("--study-dir", default=None,
+                   help="study directory on the cluster (default: klstudy-runs/<name> under the job's home)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI the cluster can reach")
+    p.add_argument("--ship-code", action="store_true",
+                   help="upload klstudy's packages with the job (cluster lacks klstudy)")
+    p.add_argument("--python", default="python", help="python executable on the cluster")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.set_defaults(handler=_cmd_submit)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from study._jobs import follow_job, submit_study
+
+    spec, _ = _load_spec(args.spec)
+    study_dir = args.study_dir or str(Path.home() / "klstudy-runs" / spec.name)
+    try:
+        submission = submit_study(args.spec, address=args.address, study_dir=study_dir,
+                                  tracking_uri=args.tracking_uri, ship_code=args.ship_code,
+                                  python=args.python)
+    except (ConnectionError, RuntimeError) as exc:
+        raise UserError(f"--address: could not submit to {args.address!r}: {exc}") from None
+    print(f"submitted job {submission.job_id} to {args.address}; study dir on the cluster: {study_dir}",
+          flush=True)
+    if not args.follow:
+        return 0
+    status = follow_job(submission, out=lambda text: print(text, flush=True))
+    print(f"job {submission.job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
 # --- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="klstudy", description="KL-annealing schedule studies for VAEs")
@@ -141,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_validate, _add_run, _add_resume, _add_status, _add_submit,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,201 @@
+"""Driver-side Tune callback: Parquet rows, trial statuses, MLflow status tags, terminal progress.
+
+Workers log their own metrics to MLflow; what only the driver knows (that the Optuna pruner
+stopped a trial, that a worker died) is recorded here, on the trial's run and in
+``trials.parquet``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import pyarrow.parquet as pq
+from optuna.trial import TrialState
+from ray.tune import Callback
+
+from study._optuna_bridge import OptunaMirror
+from study._store import PartWriter, StudyDir, Throttle, write_table
+from workers import (
+    TRIAL_COLUMNS,
+    Evaluation,
+    TrialConfig,
+    config_columns,
+    evaluation_rows,
+    latent_rows,
+)
+
+log = logging.getLogger(__name__)
+progress_log = logging.getLogger("klstudy.progress")  # the CLI prints this logger's records
+
+_FLUSH_EVERY_S = 5.0
+
+
+def evaluation_from_result(result: dict[str, Any]) -> Evaluation:
+    """Rebuild the worker's :class:`Evaluation` from a Tune result dict."""
+    splits: dict[str, dict[str, float]] = {"train": {}, "valid": {}, "test": {}}
+    for key, value in result.items():
+        split, _, name = key.partition("/")
+        if split in splits and name and isinstance(value, (int, float)):
+            splits[split][name] = float(value)
+    latents = result.get("latents")
+    return Evaluation(
+        step=int(result["step"]),
+        train=splits["train"],
+        valid=splits["valid"],
+        test=splits["test"] or None,
+        final=bool(result.get("final")),
+        at_beta_max=bool(result.get("at_beta_max")),
+        checkpoint=None,
+        latents=[tuple(p) for p in latents] if latents else None,
+    )
+
+
+class StudyRecorder(Callback):
+    """Writes every evaluation to Parquet and keeps ``trials.parquet`` and MLflow statuses true."""
+
+    def __init__(self, study_dir: StudyDir, *, study_name: str, configs: list[TrialConfig],
+                 mirror: OptunaMirror, tracking_uri: str | None, n_trials: int | None = None) -> None:
+        self.study_dir = study_dir
+        self.study_name = study_name
+        self.mirror = mirror
+        self.tracking_uri = tracking_uri
+        self.n_trials = n_trials if n_trials is not None else len(configs)
+        self.trials: dict[str, dict[str, Any]] = {
+            c.trial_id: {"study": study_name, "trial_id": c.trial_id, **config_columns(c),
+                         "status": "pending"} for c in configs
+        }
+        self._rows: list[dict[str, Any]] = []
+        self._latents: list[dict[str, Any]] = []
+        self._final_elbo: dict[str, float] = {}
+        self._flush_due = Throttle(_FLUSH_EVERY_S)
+        self._progress_due = Throttle(_FLUSH_EVERY_S)
+        self._started = time.monotonic()
+        self._writers: tuple[PartWriter, PartWriter] | None = None
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_writers=None, _client=None, _rows=[], _latents=[])
+        return state
+
+    def setup(self, **info: Any) -> None:
+        """At start and after a restore: continue from the statuses already on disk."""
+        self._started = time.monotonic()
+        trials_file = self.study_dir.root / "trials.parquet"
+        if trials_file.is_file():
+            for row in pq.read_table(trials_file).to_pylist():
+                self.trials[row["trial_id"]] = {**self.trials.get(row["trial_id"], {}), **row}
+
+    # --- Tune hooks -----------------------------------------------------------------------
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        config = TrialConfig.from_dict(trial.config["trial"])
+        ev = evaluation_from_result(result)
+        self._rows.extend(evaluation_rows(self.study_name, config, ev))
+        self._latents.extend(latent_rows(self.study_name, config.trial_id, ev))
+        if ev.final:
+            self._final_elbo[config.trial_id] = ev.valid.get("elbo", math.nan)
+        row = self._trial_row(config)
+        row.update(status="running", last_step=ev.step, node_ip=result.get("node_ip"),
+                   mlflow_run_id=result.get("mlflow_run_id") or row.get("mlflow_run_id"))
+        if self._flush_due():
+            self.flush()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        config = TrialConfig.from_dict(trial.config["trial"])
+        row = self._trial_row(config)
+        last = trial.last_result or {}
+        if self.mirror.state_of(config.trial_id) == TrialState.PRUNED:
+            row.update(status="pruned", pruned_at_step=row.get("last_step"))
+        elif last.get("final"):
+            row.update(status="completed")
+        else:
+            row.update(status="error", error="stopped before its last step")
+        self._tag_run(row)
+        self.flush()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        config = TrialConfig.from_dict(trial.config["trial"])
+        row = self._trial_row(config)
+        row.update(status="error", error=_error_text(trial))
+        self._tag_run(row)
+        self.flush()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._progress_due():
+            progress_log.info(self.progress_line())
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush()
+        progress_log.info(self.progress_line())
+
+    # --- bookkeeping ----------------------------------------------------------------------
+    def _trial_row(self, config: TrialConfig) -> dict[str, Any]:
+        return self.trials.setdefault(
+            config.trial_id,
+            {"study": self.study_name, "trial_id": config.trial_id, **config_columns(config),
+             "status": "pending"},
+        )
+
+    def flush(self) -> None:
+        if self._writers is None:
+            self._writers = (PartWriter(self.study_dir.root / "evaluations"),
+                             PartWriter(self.study_dir.root / "latents"))
+        self._writers[0].write(self._rows)
+        self._writers[1].write(self._latents)
+        self._rows, self._latents = [], []
+        write_table(self.study_dir.root / "trials.parquet", list(self.trials.values()), TRIAL_COLUMNS)
+
+    def _tag_run(self, row: dict[str, Any]) -> None:
+        run_id = row.get("mlflow_run_id")
+        if not (self.tracking_uri and run_id):
+            return
+        try:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client.set_tag(run_id, "klstudy.status", row["status"])
+            if row["status"] == "pruned":
+                self._client.set_tag(run_id, "klstudy.pruned_at_step", str(row.get("pruned_at_step")))
+                self._client.set_terminated(run_id, "KILLED")
+            elif row["status"] == "error":
+                self._client.set_tag(run_id, "klstudy.error", str(row.get("error"))[:4000])
+                self._client.set_terminated(run_id, "FAILED")
+        except Exception:  # tracking trouble must not kill the study; the Parquet record stands
+            log.warning("could not tag MLflow run %s of trial %s", run_id, row["trial_id"], exc_info=True)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"completed": 0, "pruned": 0, "running": 0, "error": 0}
+        for row in self.trials.values():
+            if row["status"] in counts:
+                counts[row["status"]] += 1
+        counts["pending"] = max(0, self.n_trials - sum(counts.values()))
+        return counts
+
+    def progress_line(self) -> str:
+        c = self.counts()
+        elapsed = int(time.monotonic() - self._started)
+        best = self._best_final()
+        best_text = f"best valid ELBO {best[1]:.4f} ({best[0]})" if best else "best: -"
+        return (f"[{elapsed // 60:02d}:{elapsed % 60:02d}] trials {self.n_trials}: "
+                f"{c['completed']} done, {c['pruned']} pruned, {c['running']} running, "
+                f"{c['error']} failed, {c['pending']} pending | {best_text}")
+
+    def _best_final(self) -> tuple[str, float] | None:
+        finite = [(tid, v) for tid, v in self._final_elbo.items() if math.isfinite(v)]
+        return max(finite, key=lambda item: item[1]) if finite else None
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if path:
+        try:
+            with open(path) as f:
+                lines = [ln for ln in f.read().strip().splitlines() if ln.strip()]
+            return lines[-1] if lines else "unknown error"
+        except OSError:
+            pass
+    return "unknown error"

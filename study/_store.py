@@ -1,0 +1,120 @@
+"""The study directory: where everything needed to resume and report a study lives.
+
+    <study_dir>/
+      study.json              name, resolved spec, tracking URI, MLflow ids, status, times
+      spec.yaml               the spec as given
+      tune/                   Ray Tune experiment storage (Tuner.restore reads it)
+      optuna.db               Optuna storage (unless the spec names an RDB URL)
+      mlflow.db, mlartifacts/ the embedded MLflow store (unless a tracking URI is given)
+      evaluations/part-*.parquet, latents/part-*.parquet, trials.parquet   (workers._records)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STUDY_FILE = "study.json"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class StudyDir:
+    root: Path
+
+    @property
+    def meta_file(self) -> Path:
+        return self.root / STUDY_FILE
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.root / 'optuna.db'}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "mlartifacts"
+
+    def exists(self) -> bool:
+        return self.meta_file.is_file()
+
+    def read_meta(self) -> dict[str, Any]:
+        return json.loads(self.meta_file.read_text())
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.meta_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, self.meta_file)
+
+    def update_meta(self, **changes: Any) -> dict[str, Any]:
+        meta = self.read_meta()
+        meta.update(changes)
+        self.write_meta(meta)
+        return meta
+
+
+class PartWriter:
+    """Appends row batches as numbered Parquet files: readable while the study runs.
+
+    Each part is written to a temporary name and renamed, so readers never see half a file.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = sorted(directory.glob("part-*.parquet"))
+        self._next = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+
+    def write(self, rows: list[dict[str, Any]]) -> Path | None:
+        if not rows:
+            return None
+        path = self.directory / f"part-{self._next:06d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, path)
+        self._next += 1
+        return path
+
+
+def write_table(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """Rewrite a small Parquet table atomically (e.g. trials.parquet)."""
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    if not rows:
+        table = pa.table({c: pa.array([], pa.string()) for c in columns})
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class Throttle:
+    """True at most once per ``interval_s`` seconds."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            return True
+        return False

@@ -1,0 +1,143 @@
+"""The Ray Tune function trainable: ``train_trial`` + MLflow child-run logging from the worker.
+
+Tune config: ``{"trial": TrialConfig dict, "study": {"name", "tracking_uri", "experiment_id",
+"parent_run_id"}}``. Logging happens here, on the worker, so artifacts from trials on remote
+nodes reach the tracking server; a resumed trial re-attaches to its MLflow run (matched by the
+``klstudy.trial_id`` tag under the study's parent run) instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from workers._config import TrialConfig
+from workers._records import mlflow_metrics
+from workers._trainer import Evaluation, train_trial
+
+log = logging.getLogger(__name__)
+
+TRIAL_KEY = "klstudy_trial_id"
+_LATENT_PLOT_EVALS = 4  # latent scatters logged per trial (2-D models), spread over training
+
+
+class TrialRunLogger:
+    """The MLflow child run of one trial, logged through a ``MlflowClient`` (batched)."""
+
+    def __init__(self, study: dict[str, Any], config: TrialConfig) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=study["tracking_uri"])
+        self.config = config
+        self.run_id = self._attach_or_create(study)
+
+    def _attach_or_create(self, study: dict[str, Any]) -> str:
+        parent, trial_id = study["parent_run_id"], self.config.trial_id
+        found = self.client.search_runs(
+            [study["experiment_id"]],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`klstudy.trial_id` = '{trial_id}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "klstudy.status", "running")
+            return run_id
+        run = self.client.create_run(
+            study["experiment_id"],
+            run_name=trial_id,
+            tags={"mlflow.parentRunId": parent, "klstudy.role": "trial", "klstudy.study": study["name"],
+                  "klstudy.trial_id": trial_id, "klstudy.status": "running"},
+        )
+        self._log_config(run.info.run_id)
+        return run.info.run_id
+
+    def _log_config(self, run_id: str) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, "None" if v is None else str(v)) for k, v in self.config.to_dict().items()]
+        self.client.log_batch(run_id, params=params)
+        self.client.log_dict(run_id, self.config.to_dict(), "config.json")
+
+    def log_evaluation(self, ev: Evaluation) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, ev.step) for k, v in mlflow_metrics(ev).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+        if ev.latents and self._wants_latent_plot(ev):
+            self.client.log_figure(self.run_id, latent_figure(ev), f"latents/step_{ev.step:07d}.png")
+
+    def _wants_latent_plot(self, ev: Evaluation) -> bool:
+        c = self.config
+        n_evals = max(1, c.total_steps // c.eval_every_steps)
+        every = max(1, n_evals // _LATENT_PLOT_EVALS)
+        return ev.final or (ev.step // c.eval_every_steps) % every == 0
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.client.set_tag(self.run_id, "klstudy.status", status)
+        if error:
+            self.client.set_tag(self.run_id, "klstudy.error", error[:4000])
+        self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "FAILED")
+
+
+def latent_figure(ev: Evaluation):  # -> matplotlib Figure
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2, 3.2), dpi=100)
+    ax = fig.add_subplot()
+    xs, ys = zip(*ev.latents or [(0.0, 0.0)])
+    ax.scatter(xs, ys, c=range(len(xs)), cmap="viridis", s=18)
+    ax.set_title(f"E[z|x], step {ev.step}")
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    fig.tight_layout()
+    return fig
+
+
+def tune_result(ev: Evaluation, config: TrialConfig, run_id: str | None) -> dict[str, Any]:
+    """The dict reported to Tune for one evaluation (flat metric names, plus bookkeeping)."""
+    result: dict[str, Any] = dict(ev.flat())
+    result.update(step=ev.step, final=ev.final, at_beta_max=ev.at_beta_max,
+                  mlflow_run_id=run_id or "", **{TRIAL_KEY: config.trial_id})
+    if ev.latents:
+        result["latents"] = [list(p) for p in ev.latents]
+    return result
+
+
+def run_trial(tune_config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: trains one trial, reporting every evaluation to Tune."""
+    from ray import tune
+
+    config = TrialConfig.from_dict(tune_config["trial"]).resolved()
+    study = tune_config.get("study") or {}
+    run_log = TrialRunLogger(study, config) if study.get("tracking_uri") else None
+    checkpoint = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="klstudy-ckpt-") as work:
+        resume_from = _restore_dir(checkpoint, Path(work) / "restored") if checkpoint else None
+
+        def report(ev: Evaluation) -> None:
+            if run_log is not None:
+                run_log.log_evaluation(ev)
+            ckpt = tune.Checkpoint.from_directory(str(ev.checkpoint)) if ev.checkpoint else None
+            tune.report(tune_result(ev, config, run_log and run_log.run_id), checkpoint=ckpt)
+
+        try:
+            train_trial(config, report=report, checkpoint_dir=Path(work) / "current",
+                        resume_from=resume_from)
+        except Exception as exc:
+            if run_log is not None:
+                run_log.finish("error", error=f"{type(exc).__name__}: {exc}")
+            raise
+    if run_log is not None:
+        run_log.finish("completed")
+
+
+def _restore_dir(checkpoint: Any, target: Path) -> Path:
+    return Path(checkpoint.to_directory(str(target)))
