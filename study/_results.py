@@ -107,6 +107,8 @@ class StudyRecorder(Callback):
         config = TrialConfig.from_dict(trial.config["trial"])
         row = self._trial_row(config)
         last = trial.last_result or {}
+        if row["status"] in ("completed", "pruned") and not last.get("final"):
+            return  # finished before a restore; the worker skipped it (see workers._trainable)
         if self.mirror.state_of(config.trial_id) == TrialState.PRUNED:
             row.update(status="pruned", pruned_at_step=row.get("last_step"))
         elif last.get("final"):

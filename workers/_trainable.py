@@ -21,6 +21,7 @@ from workers._trainer import Evaluation, train_trial
 log = logging.getLogger(__name__)
 
 TRIAL_KEY = "klstudy_trial_id"
+_TERMINAL = ("completed", "pruned")
 _LATENT_PLOT_EVALS = 4  # latent scatters logged per trial (2-D models), spread over training
 
 
@@ -41,6 +42,9 @@ class TrialRunLogger:
             filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`klstudy.trial_id` = '{trial_id}'",
             max_results=1,
         )
+        self.already_finished = bool(found) and found[0].data.tags.get("klstudy.status") in _TERMINAL
+        if self.already_finished:  # finished before a restore whose Tune state lagged behind
+            return found[0].info.run_id
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -118,6 +122,9 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     config = TrialConfig.from_dict(tune_config["trial"]).resolved()
     study = tune_config.get("study") or {}
     run_log = TrialRunLogger(study, config) if study.get("tracking_uri") else None
+    if run_log is not None and run_log.already_finished:
+        log.info("trial %s already finished; not training it again", config.trial_id)
+        return
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="klstudy-ckpt-") as work:
         resume_from = _restore_dir(checkpoint, Path(work) / "restored") if checkpoint else None

@@ -1,0 +1,203 @@
+"""Whole studies on embedded Ray (real Tune, Optuna, MLflow sqlite store, Parquet)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from study._driver import StudyError, resume_study, run_study, study_status
+from study._spec import parse_spec
+
+pytestmark = pytest.mark.timeout(600)
+
+SPEC = {
+    "name": "drv",
+    "model": {"kind": "toy"},
+    "data": {"kind": "toy"},
+    "train": {"total_steps": 240, "eval_every_steps": 40, "iw_samples": 5},
+    "schedule": {"n_cycles": [1, 3], "ratio": [0.25, 0.5], "ramp": ["linear"], "beta_max": [1.0]},
+    "seeds": [0, 1],
+    "pruning": {"pruner": "median", "n_startup_trials": 2, "phase_aware": False},
+    "resources": {"cpus_per_trial": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def child_runs(meta: dict) -> list:
+    client = MlflowClient(meta["tracking_uri"])
+    runs = client.search_runs([meta["experiment_id"]],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def grid_study(ray_local, tmp_path_factory) -> Path:
+    study_dir = tmp_path_factory.mktemp("grid") / "drv"
+    run_study(parse_spec(SPEC), yaml.safe_dump(SPEC), study_dir=study_dir)
+    return study_dir
+
+
+def test_grid_study_finishes_with_every_trial_accounted_for(grid_study: Path) -> None:
+    meta = json.loads((grid_study / "study.json").read_text())
+    trials = pd.read_parquet(grid_study / "trials.parquet")
+    assert meta["status"] == "finished"
+    assert len(trials) == 8
+    assert set(trials["status"]) <= {"completed", "pruned"}
+    assert (trials["status"] == "completed").sum() >= 2
+
+
+def test_mlflow_holds_one_parent_and_one_child_per_trial(grid_study: Path) -> None:
+    meta = json.loads((grid_study / "study.json").read_text())
+    runs = child_runs(meta)
+    trials = pd.read_parquet(grid_study / "trials.parquet").set_index("trial_id")
+    assert sorted(r.data.tags["klstudy.trial_id"] for r in runs) == sorted(trials.index)
+    for run in runs:
+        tid = run.data.tags["klstudy.trial_id"]
+        assert run.data.tags["klstudy.status"] == trials.loc[tid, "status"]
+        for param in ("n_cycles", "ratio", "ramp", "beta_max", "seed"):
+            assert param in run.data.params
+        assert "valid/elbo" in run.data.metrics
+    parent = MlflowClient(meta["tracking_uri"]).get_run(meta["parent_run_id"])
+    assert parent.data.tags["klstudy.role"] == "study"
+    assert parent.info.status == "FINISHED"
+
+
+def test_metric_steps_are_optimizer_steps(grid_study: Path) -> None:
+    meta = json.loads((grid_study / "study.json").read_text())
+    client = MlflowClient(meta["tracking_uri"])
+    completed = [r for r in child_runs(meta) if r.data.tags["klstudy.status"] == "completed"]
+    history = client.get_metric_history(completed[0].info.run_id, "valid/elbo")
+    assert [m.step for m in history] == [40, 80, 120, 160, 200, 240]
+
+
+def test_pruned_runs_are_tagged_and_agree_with_optuna(grid_study: Path) -> None:
+    meta = json.loads((grid_study / "study.json").read_text())
+    study = optuna.load_study(study_name="drv", storage=f"sqlite:///{grid_study / 'optuna.db'}")
+    states = {t.user_attrs["tune_trial_id"]: t.state for t in study.trials}
+    assert len(states) == 8
+    for run in child_runs(meta):
+        tid, status = run.data.tags["klstudy.trial_id"], run.data.tags["klstudy.status"]
+        expected = {"completed": optuna.trial.TrialState.COMPLETE,
+                    "pruned": optuna.trial.TrialState.PRUNED}[status]
+        assert states[tid] == expected
+        if status == "pruned":
+            assert int(run.data.tags["klstudy.pruned_at_step"]) < 240
+            assert run.info.status == "KILLED"
+
+
+def test_parquet_rows_cover_every_evaluation(grid_study: Path) -> None:
+    evals = pd.read_parquet(grid_study / "evaluations")
+    trials = pd.read_parquet(grid_study / "trials.parquet").set_index("trial_id")
+    valid = evals[evals["split"] == "valid"]
+    assert not valid.duplicated(["trial_id", "step"]).any()
+    last = valid.groupby("trial_id")["step"].max()
+    for tid, row in trials.iterrows():
+        assert last[tid] == (240 if row["status"] == "completed" else row["pruned_at_step"])
+    finals = evals[evals["final"]]
+    assert set(finals["split"]) == {"train", "valid", "test"}
+    assert finals.loc[finals["split"] == "test", "iw_nll"].notna().all()
+
+
+def test_latents_and_config_artifacts_are_logged(grid_study: Path) -> None:
+    meta = json.loads((grid_study / "study.json").read_text())
+    client = MlflowClient(meta["tracking_uri"])
+    run = next(r for r in child_runs(meta) if r.data.tags["klstudy.status"] == "completed")
+    names = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "config.json" in names
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "latents"))
+    latents = pd.read_parquet(grid_study / "latents")
+    assert {"z0", "z1"} <= set(latents.columns) and len(latents) > 0
+
+
+def test_status_reads_the_directory(grid_study: Path) -> None:
+    status = study_status(grid_study)
+    assert status["status"] == "finished"
+    assert status["counts"]["completed"] + status["counts"]["pruned"] == 8
+    assert status["best_trial"] is not None
+
+
+def test_run_refuses_an_existing_study_dir(grid_study: Path) -> None:
+    with pytest.raises(StudyError, match="already holds a study; continue it with `klstudy resume"):
+        run_study(parse_spec(SPEC), "", study_dir=grid_study)
+
+
+def test_resume_refuses_a_finished_study(grid_study: Path) -> None:
+    with pytest.raises(StudyError, match="already finished"):
+        resume_study(grid_study)
+
+
+def test_tpe_search_runs_n_trials_in_the_grid(ray_local, tmp_path: Path) -> None:
+    spec = {**SPEC, "name": "tpe", "search": {"kind": "tpe", "n_trials": 4},
+            "pruning": {"pruner": "none"}}
+    run_study(parse_spec(spec), yaml.safe_dump(spec), study_dir=tmp_path / "tpe")
+    trials = pd.read_parquet(tmp_path / "tpe" / "trials.parquet")
+    assert len(trials) == 4
+    assert set(trials["status"]) == {"completed"}
+    assert set(trials["n_cycles"]) <= {1, 3} and set(trials["ratio"]) <= {0.25, 0.5}
+    study = optuna.load_study(study_name="tpe", storage=f"sqlite:///{tmp_path / 'tpe' / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
+def _wait_for(predicate, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError("condition not met in time")
+
+
+def _n_completed(study_dir: Path) -> int:
+    try:
+        trials = pd.read_parquet(study_dir / "trials.parquet")
+    except Exception:
+        return 0
+    return int((trials["status"] == "completed").sum())
+
+
+def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path: Path) -> None:
+    spec = {**SPEC, "name": "kill", "pruning": {"pruner": "none"},
+            "train": {"total_steps": 400, "eval_every_steps": 50, "iw_samples": 5}}
+    spec_file = tmp_path / "kill.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    study_dir = tmp_path / "kill"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(spec_file),
+                             "--study-dir", str(study_dir)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _n_completed(study_dir) >= 2, timeout_s=240)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = set(pd.read_parquet(study_dir / "trials.parquet").query("status == 'completed'")["trial_id"])
+    subprocess.run([sys.executable, "-m", "study.cli", "resume", str(study_dir)], env=env, check=True,
+                   timeout=500, capture_output=True)
+    meta = json.loads((study_dir / "study.json").read_text())
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    assert meta["status"] == "finished"
+    assert set(trials["status"]) == {"completed"} and len(trials) == 8
+    runs = child_runs(meta)
+    assert sorted(r.data.tags["klstudy.trial_id"] for r in runs) == sorted(trials["trial_id"])
+    evals = pd.read_parquet(study_dir / "evaluations").query("split == 'valid'")
+    for tid in done_before:  # finished before the kill: not trained again
+        assert not evals[evals["trial_id"] == tid].duplicated("step").any()
