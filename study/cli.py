@@ -281,6 +281,56 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     print(f"job {submission.job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 
+# --- klstudy report / ui ----------------------------------------------------------------------
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write the M-vs-R sensitivity report (HTML + PNGs)")
+    p.add_argument("study_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default: STUDY_DIR/report")
+    p.add_argument("--tracking-uri", default=None,
+                   help="rebuild from this MLflow store (when the study's Parquet is gone)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name (with --tracking-uri)")
+    p.set_defaults(handler=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from analysis import ReportError, build_report
+
+    try:
+        result = build_report(args.study_dir, out_dir=args.out, tracking_uri=args.tracking_uri,
+                              experiment=args.experiment)
+    except ReportError as exc:
+        raise UserError(str(exc)) from None
+    note = " (PARTIAL: the study is still running)" if result.partial else ""
+    print(f"report{note}: {result.html_path}")
+    print(f"figures: {len(result.figure_paths)} PNGs in {result.html_path.parent}")
+    return 0
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="serve the MLflow UI of a study's tracking store on 127.0.0.1")
+    p.add_argument("study_dir", type=Path)
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(handler=_cmd_ui)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from analysis import ReportError, experiment_url, serve_ui
+
+    try:
+        proc = serve_ui(args.study_dir, port=args.port)
+    except ReportError as exc:
+        raise UserError(str(exc)) from None
+    meta = json.loads((args.study_dir / "study.json").read_text())
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"MLflow UI: {experiment_url(base, meta.get('experiment_id') or '0')}  (Ctrl-C to stop)",
+          flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        return 0
+
 # --- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="klstudy", description="KL-annealing schedule studies for VAEs")
@@ -292,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_validate, _add_run, _add_resume, _add_status, _add_submit,
+    _add_train, _add_validate, _add_run, _add_resume, _add_status, _add_submit, _add_report, _add_ui,
 ]
 
 
