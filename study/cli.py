@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,7 +46,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iw-samples", type=int, default=500, help="K of the final IW-NLL; 0 skips")
     p.add_argument("--max-train-sentences", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest for the toy; try 2-4 for lstm_text)")
     p.add_argument("--out", type=Path, default=None, help="directory for checkpoint and results")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint file or directory")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON, last")
@@ -118,13 +118,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         result = train_trial(config, report=report, checkpoint_dir=out, resume_from=args.resume)
-    except DataError as exc:
+    except (DataError, CheckpointError) as exc:
         raise UserError(str(exc)) from None
-    except CheckpointError as exc:
-        raise UserError(str(exc)) from None
-    final = {k: v for k, v in result.final.items()}
+    if not result.evaluations:
+        raise UserError(f"--resume: the checkpoint is already at step {result.step} of "
+                        f"--total-steps {config.total_steps}; nothing left to train")
+    final = dict(result.final)
     if out is not None:
-        (out / "evaluations.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        mode = "a" if args.resume is not None else "w"  # a resumed run extends its history
+        with open(out / "evaluations.jsonl", mode) as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
         (out / "final.json").write_text(json.dumps(final, indent=2))
     if args.json:
         print(json.dumps(final))

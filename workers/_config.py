@@ -98,6 +98,10 @@ class TrialConfig:
             ("eval_batch_size", self.eval_batch_size >= 2, "must be at least 2"),
             ("iw_samples", self.iw_samples >= 0, "must be >= 0"),
             ("num_threads", self.num_threads >= 1, "must be at least 1"),
+            *((name, getattr(self, name) is None or getattr(self, name) >= 1, "must be at least 1")
+              for name in ("emb_dim", "hidden_dim", "latent_dim", "n_layers", "max_length",
+                           "max_train_sentences")),
+            ("dropout", self.dropout is None or 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
         ]
         for name, ok, message in rules:
             if not ok:

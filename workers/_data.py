@@ -76,12 +76,11 @@ class Batch:
 
 
 def make_batch(sentences: Sequence[Sequence[int]]) -> Batch:
+    # Padded rows are built as Python lists and converted once: one tensor per batch instead
+    # of several small ones per sentence (this runs every training step).
     n_tokens = max(len(s) for s in sentences) + 2
-    tokens = torch.full((len(sentences), n_tokens), PAD_ID, dtype=torch.long)
-    for i, sent in enumerate(sentences):
-        tokens[i, 0] = BOS_ID
-        tokens[i, 1 : len(sent) + 1] = torch.tensor(sent, dtype=torch.long)
-        tokens[i, len(sent) + 1] = EOS_ID
+    rows = [[BOS_ID, *sent, EOS_ID] + [PAD_ID] * (n_tokens - 2 - len(sent)) for sent in sentences]
+    tokens = torch.tensor(rows, dtype=torch.long)
     lengths = torch.tensor([len(s) + 1 for s in sentences], dtype=torch.long)
     return Batch(tokens, lengths)
 

@@ -27,6 +27,7 @@ _SIG_HI = _sigmoid(_SIGMOID_K / 2)
 
 def ramp_value(u: float, ramp: Ramp) -> float:
     """g(u) on [0, 1]: increasing, g(0) = 0 and g(1) = 1 exactly."""
+    _check_ramp(ramp)
     if u <= 0.0:
         return 0.0
     if u >= 1.0:
@@ -38,7 +39,12 @@ def ramp_value(u: float, ramp: Ramp) -> float:
     if ramp == "sigmoid":
         s = _sigmoid(_SIGMOID_K * (u - 0.5))
         return (s - _SIG_LO) / (_SIG_HI - _SIG_LO)
-    raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
+    raise AssertionError(ramp)  # unreachable: _check_ramp
+
+
+def _check_ramp(ramp: str) -> None:
+    if ramp not in RAMPS:
+        raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
 
 
 def _check_step(step: int, total_steps: int, n_cycles: int) -> None:
@@ -46,6 +52,8 @@ def _check_step(step: int, total_steps: int, n_cycles: int) -> None:
         raise ValueError(f"total_steps must be at least 1, got {total_steps}")
     if n_cycles < 1:
         raise ValueError(f"n_cycles must be at least 1, got {n_cycles}")
+    if n_cycles > total_steps:
+        raise ValueError(f"n_cycles must be <= total_steps={total_steps}, got {n_cycles}")
     if not 1 <= step <= total_steps:
         raise ValueError(f"step must be in [1, total_steps={total_steps}], got {step}")
 
@@ -86,6 +94,7 @@ def beta_at(
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     if not beta_max > 0.0:
         raise ValueError(f"beta_max must be > 0, got {beta_max}")
+    _check_ramp(ramp)
     tau = cycle_position(step, total_steps=total_steps, n_cycles=n_cycles)
     if ratio > 0.0 and tau <= ratio:
         return beta_max * ramp_value(tau / ratio, ramp)
@@ -99,7 +108,7 @@ def at_beta_max(step: int, *, total_steps: int, n_cycles: int, ratio: float) -> 
     as the fixing stage (DESIGN §4).
     """
     tau = cycle_position(step, total_steps=total_steps, n_cycles=n_cycles)
-    if ratio <= 0.0 or tau > ratio:
+    if ratio <= 0.0 or tau >= ratio:  # τ = R: β = β_max · g(1) = β_max
         return True
     if ratio >= 1.0:
         return is_cycle_end(step, total_steps=total_steps, n_cycles=n_cycles)

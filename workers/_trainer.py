@@ -144,7 +144,7 @@ class _Trainer:
             raise NonFiniteLossError(
                 f"trial {c.trial_id}: loss is {loss.item()} at step {t} "
                 f"(rec={rec.item()}, kl={kl.item()}, beta={beta}, lr={lr}); "
-                "try a smaller lr or a grad_clip > 0"
+                + ("try a smaller lr" if c.grad_clip > 0 else "try a smaller lr or a grad_clip > 0")
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
