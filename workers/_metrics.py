@@ -16,6 +16,7 @@ from workers._data import Batch
 from workers._models import SentenceVAE, gaussian_kl, log_normal, reparameterize
 
 AU_THRESHOLD = 0.01  # variance over x of E_q[z|x] that makes a latent dimension "active"
+_MI_SAMPLE_BUDGET = 2048  # posterior samples per evaluation batch for the MI estimate
 
 
 def active_units(means: torch.Tensor, *, threshold: float = AU_THRESHOLD) -> int:
@@ -32,13 +33,19 @@ def active_units(means: torch.Tensor, *, threshold: float = AU_THRESHOLD) -> int
 def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> float:
     """I_q(z; x) ≈ E[log q(z|x)] − E[log q(z)] on one batch (He et al. 2019).
 
-    q(z) is the mixture of the batch's posteriors; ``z[i]`` is a sample of q(z|x_i).
+    q(z) is the mixture of the batch's posteriors. ``z`` is ``[n, d]`` (``z[i]`` a sample of
+    q(z|x_i)) or ``[k, n, d]`` (k samples each, averaged: less noise on small batches).
     """
     n, d = mu.shape
     neg_entropy = (-0.5 * d * math.log(2 * math.pi) - 0.5 * (1.0 + logvar).sum(dim=-1)).mean()
-    log_q_each = log_normal(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # [n, n]
-    log_qz = torch.logsumexp(log_q_each, dim=1) - math.log(n)
+    log_q_each = log_normal(z.unsqueeze(-2), mu, logvar)  # [..., n, n]: sample i under posterior j
+    log_qz = torch.logsumexp(log_q_each, dim=-1) - math.log(n)
     return float(neg_entropy - log_qz.mean())
+
+
+def mi_samples(batch_size: int) -> int:
+    """Posterior samples per sentence for MI: more on small batches (≈ 2048 pairs, 1 to 32)."""
+    return max(1, min(32, math.ceil(_MI_SAMPLE_BUDGET / batch_size)))
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:
@@ -55,7 +62,8 @@ def evaluate(
 ) -> dict[str, float]:
     """rec, kl, elbo (β = 1), nll_elbo, ppl, au, mi over all sentences of ``batches``.
 
-    ``rec`` uses one posterior sample per sentence; MI is averaged over batches, weighted by size.
+    ``rec`` uses one posterior sample per sentence; MI (``mi_samples`` samples per sentence, the
+    aggregate posterior formed over each evaluation batch) is averaged over batches by size.
     """
     was_training = model.training
     model.eval()
@@ -68,7 +76,9 @@ def evaluate(
         z = reparameterize(mu, logvar, generator=generator)
         rec_sum += float(model.reconstruction_nll(batch, z).sum())
         kl_sum += float(gaussian_kl(mu, logvar).sum())
-        mi_sum += mutual_information(mu, logvar, z) * len(batch)
+        k = mi_samples(len(batch))
+        z_mi = reparameterize(mu.expand(k, -1, -1), logvar.expand(k, -1, -1), generator=generator)
+        mi_sum += mutual_information(mu, logvar, z_mi) * len(batch)
         means.append(mu.cpu())
         n_sent += len(batch)
         n_tok += int(batch.lengths.sum())

@@ -148,6 +148,16 @@ def test_mutual_information_matches_a_direct_computation():
     )
 
 
+def test_mutual_information_averages_over_several_samples_per_sentence():
+    # z of shape [k, n, d] is k independent draws; the estimate is the mean of the k
+    # single-draw estimates (same q(z|x) terms, mixture over the same n posteriors).
+    mu = torch.randn(5, 2, generator=_gen(3), dtype=torch.float64)
+    logvar = torch.randn(5, 2, generator=_gen(4), dtype=torch.float64) * 0.3
+    z = mu + torch.randn(3, 5, 2, generator=_gen(5), dtype=torch.float64) * (0.5 * logvar).exp()
+    singles = [mutual_information(mu, logvar, z[i]) for i in range(3)]
+    assert mutual_information(mu, logvar, z) == pytest.approx(sum(singles) / 3, abs=1e-9)
+
+
 # --- padding and batching ----------------------------------------------------------------------
 def test_padding_does_not_leak_into_a_sentence():
     # The same sentence alone and batched (either row) with a longer one. Batched float32 matmuls
