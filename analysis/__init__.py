@@ -1,5 +1,53 @@
-"""klstudy's analysis side: reads study stores and writes reports; never imports ray."""
+"""klstudy's analysis side: reads study stores and writes reports; never imports ray.
+
+Data flows one way: the study driver writes Parquet and MLflow; this package reads either
+(``load_study``), computes statistics over seeds and writes the M-vs-R sensitivity report.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from analysis._figures import (
+    METRIC_STYLES,
+    CurveSpec,
+    curves_figure,
+    cycle_boundaries,
+    heatmap_figure,
+    latent_figure,
+    pick_curve_configs,
+    pruning_figure,
+)
+from analysis._load import ReportError, StudyData, best_rows, final_rows, load_from_mlflow, load_study
+from analysis._report import ReportResult, build_report
+from analysis._stats import config_table, mean_ci, paired_vs_monotonic, summary_lines
+from analysis._synthetic import write_synthetic_study
+from analysis._ui import experiment_url, serve_ui, stop_ui, ui_command, ui_url, wait_for_health
+
+__all__ = [
+    "METRIC_STYLES",
+    "CurveSpec",
+    "ReportError",
+    "ReportResult",
+    "StudyData",
+    "best_rows",
+    "build_report",
+    "config_table",
+    "curves_figure",
+    "cycle_boundaries",
+    "experiment_url",
+    "final_rows",
+    "heatmap_figure",
+    "latent_figure",
+    "load_from_mlflow",
+    "load_study",
+    "mean_ci",
+    "paired_vs_monotonic",
+    "pick_curve_configs",
+    "pruning_figure",
+    "serve_ui",
+    "stop_ui",
+    "summary_lines",
+    "ui_command",
+    "ui_url",
+    "wait_for_health",
+    "write_synthetic_study",
+]

@@ -291,7 +291,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: STUDY_DIR/report")
     p.add_argument("--tracking-uri", default=None,
                    help="rebuild from this MLflow store (when the study's Parquet is gone)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment name (with --tracking-uri)")
     p.set_defaults(handler=_cmd_report)
 
 
@@ -299,8 +298,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from analysis import ReportError, build_report
 
     try:
-        result = build_report(args.study_dir, out_dir=args.out, tracking_uri=args.tracking_uri,
-                              experiment=args.experiment)
+        result = build_report(args.study_dir, out_dir=args.out, tracking_uri=args.tracking_uri)
     except ReportError as exc:
         raise UserError(str(exc)) from None
     note = " (PARTIAL: the study is still running)" if result.partial else ""
@@ -317,22 +315,26 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from analysis import ReportError, experiment_url, serve_ui
+    from analysis import ReportError, serve_ui, stop_ui, ui_url, wait_for_health
 
     try:
+        url = ui_url(args.study_dir, port=args.port)
         proc = serve_ui(args.study_dir, port=args.port)
     except ReportError as exc:
         raise UserError(str(exc)) from None
-    meta = json.loads((args.study_dir / "study.json").read_text())
-    base = f"http://127.0.0.1:{args.port}"
-    print(f"MLflow UI: {experiment_url(base, meta.get('experiment_id') or '0')}  (Ctrl-C to stop)",
-          flush=True)
     try:
-        return proc.wait()
+        print(f"starting the MLflow UI on 127.0.0.1:{args.port} ...", flush=True)
+        if not wait_for_health(f"http://127.0.0.1:{args.port}", timeout_s=120, proc=proc):
+            raise UserError(f"--port: the MLflow UI did not start on {args.port}; "
+                            f"see {args.study_dir / 'mlflow-ui.log'}")
+        print(f"MLflow UI: {url}  (Ctrl-C to stop)", flush=True)
+        proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
-        return 0
+        pass
+    finally:
+        stop_ui(proc)
+    return 0
+
 
 # --- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:

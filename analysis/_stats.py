@@ -1,0 +1,209 @@
+"""Statistics over seeds: confidence intervals, per-config tables, cyclical-vs-monotonic tests.
+
+Every function takes the one-row-per-trial table of :func:`analysis.final_rows` (or
+:func:`analysis.best_rows`): config columns, ``seed``, ``status`` and metric columns. Only
+completed trials enter the numbers; pruned and failed ones are counted, never averaged.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIG_KEYS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max")
+PAIRED_COLUMNS: tuple[str, ...] = (*CONFIG_KEYS, "metric", "n_pairs", "mean_diff", "ci", "ci_low",
+                                   "ci_high", "p_value", "p_wilcoxon", "note")
+MIN_WILCOXON_PAIRS = 6
+TOO_FEW_SEEDS = "too few seeds"
+_METRIC_NAMES = {"elbo": "ELBO", "rec": "Rec", "kl": "KL", "mi": "MI", "au": "AU", "ppl": "PPL",
+                 "nll_elbo": "NLL", "iw_nll": "IW-NLL", "iw_ppl": "IW-PPL"}
+
+
+def mean_ci(values: Iterable[float], *, confidence: float = 0.95) -> tuple[float, float, int]:
+    """Mean, confidence half-width (Student's t, n − 1 dof) and n of the finite ``values``.
+
+    The half-width is NaN for n < 2 (no spread can be estimated); all three are (NaN, NaN, 0)
+    for no finite value.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    x = np.asarray(list(values), dtype=float)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, 1
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return mean, half, n
+
+
+def _completed(finals: pd.DataFrame) -> pd.DataFrame:
+    return finals[finals["status"] == "completed"]
+
+
+def _half_widths(std: pd.Series, n: pd.Series, confidence: float = 0.95) -> pd.Series:
+    """mean_ci's half-width, vectorised: t quantile · sd / √n, NaN below 2 values."""
+    dof = n.astype(float) - 1
+    quantile = stats.t.ppf((1 + confidence) / 2, dof.where(dof >= 1))
+    return (pd.Series(quantile, index=std.index) * std / np.sqrt(n.astype(float))).where(n >= 2)
+
+
+def config_table(finals: pd.DataFrame,
+                 metrics: Sequence[str] = ("elbo", "rec", "kl", "mi", "au")) -> pd.DataFrame:
+    """Per config (n_cycles, ratio, ramp, beta_max): mean, 95% CI half-width and n per metric.
+
+    Returns:
+        One row per config, sorted by the config keys, with ``{metric}_mean``, ``{metric}_ci``
+        (NaN below 2 seeds) and ``{metric}_n`` over completed trials, and the trial counts
+        ``n_seeds`` (all trials of the config), ``n_completed``, ``n_pruned``, ``n_error``.
+    """
+    keys = list(CONFIG_KEYS)
+    status = finals[keys].assign(**{f"n_{s}": finals["status"] == s for s in ("completed", "pruned", "error")})
+    table = status.groupby(keys, sort=True).agg(
+        n_seeds=("n_completed", "size"), n_completed=("n_completed", "sum"),
+        n_pruned=("n_pruned", "sum"), n_error=("n_error", "sum"))
+    done = _completed(finals)[[*keys, *metrics]]
+    finite = done[list(metrics)].where(np.isfinite(done[list(metrics)].astype(float)))
+    grouped = finite.groupby([done[k] for k in keys], sort=True)
+    mean, std, n = grouped.mean(), grouped.std(ddof=1), grouped.count()
+    for metric in metrics:
+        table[f"{metric}_mean"] = mean[metric]
+        table[f"{metric}_ci"] = _half_widths(std[metric], n[metric]).reindex(mean.index)
+        table[f"{metric}_n"] = n[metric].reindex(table.index).fillna(0).astype(int)
+    columns = [*(f"{m}_{s}" for m in metrics for s in ("mean", "ci", "n")),
+               "n_seeds", "n_completed", "n_pruned", "n_error"]
+    return table.reset_index()[[*keys, *columns]].astype({c: int for c in columns[-4:]})
+
+
+def _paired_row(diffs: np.ndarray) -> dict[str, object]:
+    n = len(diffs)
+    if n < 2:
+        mean = float(diffs.mean()) if n else math.nan
+        return {"n_pairs": n, "mean_diff": mean, "ci": math.nan, "ci_low": math.nan,
+                "ci_high": math.nan, "p_value": math.nan, "p_wilcoxon": math.nan,
+                "note": TOO_FEW_SEEDS}
+    mean, half, _ = mean_ci(diffs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant differences: p is NaN
+        p = float(stats.ttest_rel(diffs, np.zeros(n)).pvalue)
+        p_w = math.nan
+        if n >= MIN_WILCOXON_PAIRS and np.any(diffs != 0):
+            p_w = float(stats.wilcoxon(diffs).pvalue)
+    note = "" if math.isfinite(p) else "differences are constant"
+    return {"n_pairs": n, "mean_diff": mean, "ci": half, "ci_low": mean - half,
+            "ci_high": mean + half, "p_value": p, "p_wilcoxon": p_w, "note": note}
+
+
+def paired_vs_monotonic(finals: pd.DataFrame,
+                        metrics: Sequence[str] = ("rec", "kl", "elbo")) -> pd.DataFrame:
+    """Each cyclical config against the monotonic one (n_cycles = 1) at the same R, ramp, β_max.
+
+    Trials are paired by seed over the seeds completed in both configs. Per metric: the mean
+    difference cyclical − monotonic, its 95% CI (t over the paired differences), the paired
+    t-test p-value and, from 6 pairs on, the Wilcoxon signed-rank p-value. Below 2 pairs the
+    statistics are NaN and ``note`` says "too few seeds".
+
+    Returns:
+        One row per (cyclical config, metric) with :data:`PAIRED_COLUMNS`; empty when the study
+        has no monotonic or no cyclical config.
+    """
+    keys, shared = list(CONFIG_KEYS), [k for k in CONFIG_KEYS if k != "n_cycles"]
+    configs = finals[keys].drop_duplicates()
+    monotonic = configs[configs["n_cycles"] == 1].drop(columns="n_cycles")
+    cyclical = configs[configs["n_cycles"] > 1].merge(monotonic, on=shared).sort_values(keys)
+    done = _completed(finals)[[*keys, "seed", *metrics]]
+    pairs = done[done["n_cycles"] > 1].merge(
+        done[done["n_cycles"] == 1].drop(columns="n_cycles"), on=[*shared, "seed"], suffixes=("", "_mono"))
+    by_config = dict(list(pairs.groupby(keys, sort=False)))
+    rows = []
+    for config in cyclical.itertuples(index=False):
+        group = by_config.get(tuple(config), pairs.iloc[:0])
+        for metric in metrics:
+            diffs = (group[metric] - group[f"{metric}_mono"]).dropna().to_numpy(float)
+            rows.append({**config._asdict(), "metric": metric, **_paired_row(diffs)})
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+# --- plain-language summary ------------------------------------------------------------------
+def _decimals(half: float) -> int:
+    """Decimals that show two significant digits of the CI (2 when there is none)."""
+    if not math.isfinite(half) or half <= 0:
+        return 2
+    return int(min(6, max(0, 1 - math.floor(math.log10(half)))))
+
+
+def _pm(mean: float, half: float, *, signed: bool = False) -> str:
+    d = _decimals(half)
+    text = f"{mean:+.{d}f}" if signed else f"{mean:.{d}f}"
+    if math.isfinite(half):
+        text += f" ± {half:.{d}f}"
+    return text.replace("-", "−")
+
+
+def _config_text(row: pd.Series | dict) -> str:
+    return f"M={row['n_cycles']}, R={row['ratio']:g} ({row['ramp']}, β_max={row['beta_max']:g})"
+
+
+def _best_line(table: pd.DataFrame) -> str | None:
+    scored = table[table["elbo_n"] > 0]
+    if scored.empty:
+        return None
+    best = scored.loc[scored["elbo_mean"].idxmax()]
+    n = int(best["elbo_n"])
+    value = _pm(best["elbo_mean"], best["elbo_ci"])
+    seeds = f"over {n} seeds" if n > 1 else "1 seed: too few seeds for a CI"
+    return f"Best M and R for validation ELBO: {_config_text(best)}: {value} ({seeds})"
+
+
+def _comparison_line(table: pd.DataFrame, paired: pd.DataFrame) -> str:
+    if paired.empty:
+        return ("No cyclical-vs-monotonic comparison: the study needs completed trials at M=1 and "
+                "M>1 with the same R, ramp and β_max.")
+    # the best cyclical config by mean ELBO, preferring those with enough pairs for a test
+    elbo = paired[paired["metric"] == "elbo"].merge(table, on=list(CONFIG_KEYS))
+    elbo = elbo.assign(_testable=elbo["n_pairs"] >= 2, _score=elbo["elbo_mean"].fillna(-np.inf))
+    top = elbo.sort_values(["_testable", "_score"], ascending=False, kind="stable").iloc[0]
+    same = paired[(paired[list(CONFIG_KEYS)] == top[list(CONFIG_KEYS)]).all(axis=1)]
+    head = (f"Cyclical vs monotonic (M={top['n_cycles']} vs M=1, R={top['ratio']:g}, {top['ramp']}, "
+            f"β_max={top['beta_max']:g})")
+    n = int(top["n_pairs"])
+    if n < 2:
+        return f"{head}: too few seeds for a claim (n={n})"
+    parts = [f"{_METRIC_NAMES.get(r['metric'], r['metric'])} {_pm(r['mean_diff'], r['ci'], signed=True)}"
+             for _, r in same.iterrows()]
+    p = top["p_value"]
+    p_text = f"ELBO p={p:.2g}" if math.isfinite(p) else "ELBO p n/a"
+    return f"{head}: {', '.join(parts)} (paired over {n} seeds, {p_text})"
+
+
+def _counts_line(finals: pd.DataFrame) -> str:
+    status = finals["status"].value_counts()
+    text = (f"{len(finals)} trials: {status.get('completed', 0)} completed, "
+            f"{status.get('pruned', 0)} pruned, {status.get('error', 0)} failed")
+    unfinished = int(status.get("running", 0) + status.get("pending", 0))
+    return text + (f", {unfinished} still running or pending" if unfinished else "")
+
+
+def summary_lines(finals: pd.DataFrame) -> list[str]:
+    """A few plain-language lines for the top of the report.
+
+    The best config by mean validation ELBO (with its CI and seed count), the comparison of the
+    best cyclical config with its monotonic baseline (differences of Rec, KL, ELBO with CIs and
+    the ELBO paired-test p; "too few seeds for a claim" below 2 pairs), and the trial counts.
+    """
+    if finals.empty:
+        return ["No trials yet."]
+    table = config_table(finals)
+    lines = [line for line in (_best_line(table),) if line]
+    if not lines:
+        lines.append("No completed trial yet: no best configuration.")
+    lines.append(_comparison_line(table, paired_vs_monotonic(finals)))
+    lines.append(_counts_line(finals))
+    return lines

@@ -1,0 +1,160 @@
+"""build_report: a self-contained HTML file plus PNGs, a partial banner, overwrite on re-run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _services import free_port
+from analysis._report import REPORT_FILE, build_report
+from analysis._synthetic import write_synthetic_study
+
+GRID = {"n_cycles": (1, 2, 4), "ratio": (0.0, 0.5, 1.0), "ramp": ("linear", "cosine"),
+        "beta_max": (1.0,)}  # 18 configurations
+N_TRIALS = 36  # 2 seeds each
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    study = tmp_path_factory.mktemp("study") / "toy-grid"
+    write_synthetic_study(study, n_trials=N_TRIALS, n_evals=16, seed=3, grid=GRID, p_pruned=0.3)
+    return study, build_report(study, log_to_mlflow=False)
+
+
+def html_of(result) -> str:
+    return result.html_path.read_text()
+
+
+def test_report_is_written_next_to_its_pngs(finished):
+    study, result = finished
+    assert result.html_path == study / "report" / REPORT_FILE
+    assert result.figure_paths and all(p.parent == result.html_path.parent for p in
+                                       result.figure_paths)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in result.figure_paths)
+
+
+def test_report_references_no_external_resource(finished):
+    text = html_of(finished[1])
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert not re.search(r"<(script|link|iframe)\b|@import|url\(", text, re.I)
+
+
+def test_report_embeds_every_figure_as_its_png(finished):
+    _, result = finished
+    sources = re.findall(r"<img [^>]*src=\"([^\"]+)\"", html_of(result))
+    assert len(sources) == len(result.figure_paths)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in sources}
+    assert embedded == {p.read_bytes() for p in result.figure_paths}
+
+
+def test_report_has_every_kind_of_figure(finished):
+    names = {p.name for p in finished[1].figure_paths}
+    heatmaps = {f"heatmap-{k}-{m}.png" for k in ("final", "best")
+                for m in ("elbo", "kl", "rec", "mi", "au")}
+    assert heatmaps | {"curves.png", "latents.png", "pruning.png"} == names
+
+
+def test_report_sections_appear_in_order(finished):
+    text = html_of(finished[1])
+    ids = ["summary", "heatmaps", "curves", "latents", "configs", "paired", "pruning"]
+    positions = [text.find(f"<section id='{i}'>") for i in ids]
+    assert -1 not in positions and positions == sorted(positions)
+
+
+def test_report_of_a_finished_study_has_no_partial_banner(finished):
+    assert not finished[1].partial
+    assert "PARTIAL REPORT" not in html_of(finished[1])
+
+
+def test_report_draws_no_figure_that_failed(finished):
+    assert "could not be drawn" not in html_of(finished[1])
+
+
+def test_partial_study_gets_a_banner_with_progress(tmp_path):
+    study = tmp_path / "running"
+    write_synthetic_study(study, n_trials=12, n_evals=8, n_running=5, p_pruned=0.0, p_error=0.0)
+    result = build_report(study, log_to_mlflow=False)
+    assert result.partial
+    assert "PARTIAL REPORT — study still running (7 of 12 trials finished)" in html_of(result)
+
+
+def test_rerun_overwrites_the_report_and_removes_stale_figures(tmp_path):
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=8, n_evals=8, seed=1)
+    first = build_report(study, log_to_mlflow=False)
+    first.html_path.write_text("stale")
+    stale = first.html_path.parent / "heatmap-final-old.png"
+    stale.write_bytes(b"old")
+    second = build_report(study, log_to_mlflow=False)
+    assert second.html_path == first.html_path
+    assert html_of(second).startswith("<!DOCTYPE html>")
+    assert not stale.exists()
+    assert sorted(second.figure_paths) == sorted(first.figure_paths)
+
+
+def test_out_dir_is_honoured(tmp_path):
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=4, n_evals=4)
+    result = build_report(study, out_dir=tmp_path / "elsewhere", log_to_mlflow=False)
+    assert result.html_path == tmp_path / "elsewhere" / REPORT_FILE
+    assert not (study / "report").exists()
+
+
+def test_strings_from_the_data_are_escaped(tmp_path):
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=4, n_evals=4, name="<img src=x onerror=alert(1)>&")
+    text = html_of(build_report(study, log_to_mlflow=False))
+    assert "<img src=x" not in text
+    assert "&lt;img src=x onerror=alert(1)&gt;&amp;" in text
+
+
+def test_report_is_logged_to_the_parent_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the synthetic experiment's default artifact root is ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=4, n_evals=4, tracking_uri=uri)
+    result = build_report(study)
+    parent = json.loads((study / "study.json").read_text())["parent_run_id"]
+    logged = {Path(a.path).name for a in MlflowClient(uri).list_artifacts(parent, "report")}
+    assert logged == {REPORT_FILE, *(p.name for p in result.figure_paths)}
+
+
+@pytest.mark.parametrize("problem", ["no_parent_run", "unreachable_server", "missing_sqlite"])
+def test_report_survives_a_missing_tracking_store(tmp_path, caplog, problem):
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=4, n_evals=4)
+    meta = json.loads((study / "study.json").read_text())
+    if problem != "no_parent_run":
+        meta["parent_run_id"] = "0123456789abcdef"
+        absent_db, dead_server = tmp_path / "absent.db", f"http://127.0.0.1:{free_port()}"
+        meta["tracking_uri"] = (f"sqlite:///{absent_db}" if problem == "missing_sqlite"
+                                else dead_server)
+    (study / "study.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="analysis._report"):
+        result = build_report(study)
+    assert result.html_path.is_file()
+    assert any("not logged to MLflow" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_report_from_mlflow_records_when_parquet_is_absent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=8, n_evals=8, tracking_uri=f"sqlite:///{study}/mlflow.db")
+    for name in ("evaluations", "latents"):
+        shutil.rmtree(study / name)
+    (study / "trials.parquet").unlink()
+    result = build_report(study, log_to_mlflow=False)
+    text = html_of(result)
+    assert "<dt>records</dt><dd>mlflow</dd>" in text
+    assert "heatmap-final-elbo.png" in {p.name for p in result.figure_paths}
+    assert "No 2-D latents recorded" in text  # MLflow holds no latent tables
