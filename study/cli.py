@@ -193,7 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from study._driver import StudyError, run_study
 
     spec, text = _load_spec(args.spec)
-    study_dir = args.study_dir or Path("klstudy-runs") / spec.name
+    study_dir = (args.study_dir or Path("klstudy-runs") / spec.name).expanduser()
     print(f"study {spec.name!r}: {spec.n_trials()} trials -> {study_dir}", flush=True)
     _show_progress()
     try:
@@ -256,7 +256,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", type=Path)
     p.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://HOST:8265")
     p.add_argument("--study-dir", default=None,
-                   help="study directory on the cluster (default: klstudy-runs/<name> under the job's home)")
+                   help="study directory on the cluster (default: ~/klstudy-runs/<name> there)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI the cluster can reach")
     p.add_argument("--ship-code", action="store_true",
                    help="upload klstudy's packages with the job (cluster lacks klstudy)")
@@ -269,7 +269,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from study._jobs import follow_job, submit_study
 
     spec, _ = _load_spec(args.spec)
-    study_dir = args.study_dir or str(Path.home() / "klstudy-runs" / spec.name)
+    study_dir = args.study_dir or f"~/klstudy-runs/{spec.name}"  # expanded on the cluster
     try:
         submission = submit_study(args.spec, address=args.address, study_dir=study_dir,
                                   tracking_uri=args.tracking_uri, ship_code=args.ship_code,

@@ -1,0 +1,57 @@
+"""Session-wide fixtures for integration tests: a real 2-node Ray cluster and an MLflow server.
+
+Each service starts once per test session, and only if some selected test requests it.
+Tests that request `ray_cluster` or `mlflow_server` are marked `integration` automatically.
+Skip them locally with `KLSTUDY_SKIP_INTEGRATION=1` or `--skip-integration` (CI runs them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from _services import MlflowServer, RayCluster  # tests/ is on sys.path (rootdir conftest)
+
+SERVICE_FIXTURES = ("ray_cluster", "mlflow_server")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--skip-integration", action="store_true", default=False,
+        help="skip tests marked integration (same as KLSTUDY_SKIP_INTEGRATION=1)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = (config.getoption("--skip-integration")
+            or os.environ.get("KLSTUDY_SKIP_INTEGRATION", "") == "1")
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SERVICE_FIXTURES):
+            item.add_marker(pytest.mark.integration)
+        if skip and item.get_closest_marker("integration") is not None:
+            item.add_marker(pytest.mark.skip(reason="integration tests skipped "
+                                             "(KLSTUDY_SKIP_INTEGRATION=1 or --skip-integration)"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A head node and a worker node on loopback, 1 CPU each.
+
+    While it runs, this process has RAY_AUTH_MODE=disabled and RAY_USAGE_STATS_ENABLED=0 set,
+    so that `ray.init(address=ray_cluster.gcs_address)` connects. Connect in a fixture of your
+    own and call `ray.shutdown()` when done; never `ray stop`.
+    """
+    with RayCluster(tmp_path_factory.mktemp("ray")) as cluster, \
+            pytest.MonkeyPatch.context() as patch:
+        for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
+            patch.setenv(name, cluster.env[name])
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """An MLflow tracking server (sqlite backend, artifacts served) at `mlflow_server.uri`."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
