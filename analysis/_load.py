@@ -25,13 +25,13 @@ from workers._records import (
     EVAL_COLUMNS,
     LATENT_COLUMNS,
     METRIC_COLUMNS,
+    SPLITS,
     TRIAL_COLUMNS,
 )
 from workers._schedules import at_beta_max
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "valid", "test")
 EVALUATION_COLUMNS: tuple[str, ...] = (*EVAL_COLUMNS, "status")
 _INT_COLUMNS = frozenset({"n_cycles", "seed", "total_steps", "step", "last_step", "index"})
 _FLOAT_COLUMNS = frozenset({"ratio", "beta_max", "pruned_at_step", "z0", "z1", *METRIC_COLUMNS})
@@ -81,22 +81,24 @@ def load_study(study_dir: str | Path | None = None, *, tracking_uri: str | None 
     """
     if study_dir is None:
         if tracking_uri is None or experiment is None:
-            raise ReportError("give a study directory, or both a tracking URI and an experiment name")
+            raise ReportError("give a study directory, or both a tracking URI and an experiment "
+                              "name")
         return load_from_mlflow(tracking_uri, experiment)
     root = Path(study_dir)
     if not root.is_dir():
         raise ReportError(f"study directory {str(root)!r} does not exist")
     meta = _read_meta(root)
     if not meta and not (root / "evaluations").is_dir() and tracking_uri is None:
-        raise ReportError(f"{str(root)!r} is not a study directory (no study.json, no evaluations/)")
+        raise ReportError(f"{str(root)!r} is not a study directory "
+                          "(no study.json, no evaluations/)")
     data = _load_parquet(root, meta)
     if data is not None:
         return data
     uri = tracking_uri or meta.get("tracking_uri")
     name = experiment or meta.get("experiment_name") or meta.get("name")
     if not uri or not name:
-        raise ReportError(f"{str(root)!r} holds no evaluations yet (evaluations/part-*.parquet) and "
-                          "names no MLflow store to rebuild them from; pass a tracking URI")
+        raise ReportError(f"{str(root)!r} holds no evaluations yet (evaluations/part-*.parquet) "
+                          "and names no MLflow store to rebuild them from; pass a tracking URI")
     log.info("no Parquet evaluations in %s: rebuilding from MLflow %s", root, uri)
     data = load_from_mlflow(uri, name, parent_run_id=meta.get("parent_run_id"))
     return replace(data, meta=meta, partial=data.partial or _meta_partial(meta, data.trials))
@@ -114,12 +116,13 @@ def _read_meta(root: Path) -> dict[str, Any]:
 
 def _meta_partial(meta: dict[str, Any], trials: pd.DataFrame) -> bool:
     n_trials = meta.get("n_trials")
-    return meta.get("status") == "running" or (isinstance(n_trials, int) and len(trials) < n_trials)
+    too_few = isinstance(n_trials, int) and len(trials) < n_trials
+    return meta.get("status") == "running" or too_few
 
 
 # --- Parquet ---------------------------------------------------------------------------------
 def _read_parts(directory: Path) -> pa.Table | None:
-    """All readable ``part-*.parquet`` of a directory; unreadable parts are skipped with a warning."""
+    """All readable ``part-*.parquet`` of a directory; unreadable ones are skipped (warning)."""
     parts = sorted(directory.glob("part-*.parquet"))
 
     def read(path: Path) -> pa.Table | None:
@@ -191,16 +194,18 @@ def _sorted(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def _assemble(evaluations: pd.DataFrame, trials: pd.DataFrame, latents: pd.DataFrame, *,
               meta: dict[str, Any], source: Literal["parquet", "mlflow"]) -> StudyData:
-    """Coerce, deduplicate (a resumed trial may repeat a step: the last row wins) and join status."""
+    """Coerce, deduplicate (a resumed trial may repeat a step: the last row wins), join status."""
     ev = _sorted(_coerce(evaluations, EVAL_COLUMNS), ["trial_id", "step", "split"])
     trials = _coerce(trials, TRIAL_COLUMNS)
     missing = sorted(set(ev["trial_id"].unique()) - set(trials["trial_id"]))
     if missing:  # trials.parquet lags the evaluations: those trials are running
         first = ev[ev["trial_id"].isin(missing)].groupby("trial_id", sort=False)
-        extra = first.first().reset_index().assign(status="running", last_step=first["step"].max().values)
+        extra = first.first().reset_index().assign(status="running",
+                                                   last_step=first["step"].max().values)
         trials = pd.concat([trials, _coerce(extra, TRIAL_COLUMNS)], ignore_index=True)
     trials = _sorted(trials, ["trial_id"])
-    ev["status"] = ev["trial_id"].map(trials.set_index("trial_id")["status"]).astype(trials["status"].dtype)
+    status = ev["trial_id"].map(trials.set_index("trial_id")["status"])
+    ev["status"] = status.astype(trials["status"].dtype)
     latents = _sorted(_coerce(latents, LATENT_COLUMNS), ["trial_id", "step", "index"])
     partial = bool(trials["status"].isin(_UNFINISHED).any()) or _meta_partial(meta, trials)
     return StudyData(ev, trials, latents, meta=meta, partial=partial, source=source)
@@ -228,7 +233,8 @@ def load_from_mlflow(tracking_uri: str, experiment: str, *,
     Args:
         tracking_uri: the MLflow tracking URI.
         experiment: the experiment name (= the study name).
-        parent_run_id: the study's parent run (default: the latest run tagged ``klstudy.role=study``).
+        parent_run_id: the study's parent run (default: the latest run tagged
+            ``klstudy.role=study``).
 
     Raises:
         ReportError: the store does not exist, the experiment is unknown or has no trial runs.
@@ -236,7 +242,8 @@ def load_from_mlflow(tracking_uri: str, experiment: str, *,
     client = _open_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ReportError(f"experiment {experiment!r} not found in the tracking store {tracking_uri}")
+        raise ReportError(f"experiment {experiment!r} not found in the tracking store "
+                          f"{tracking_uri}")
     runs = _trial_runs(client, exp.experiment_id, parent_run_id)
     if not runs:
         raise ReportError(f"experiment {experiment!r} in {tracking_uri} has no trial runs")
@@ -263,7 +270,7 @@ def _scheme(uri: str) -> str:
 
 
 def _open_client(uri: str) -> Any:
-    """An ``MlflowClient``, after checking that the store exists (a client would create a new one)."""
+    """An ``MlflowClient``, after checking that the store exists (a client would create one)."""
     from mlflow.tracking import MlflowClient
 
     scheme = _scheme(uri)
@@ -288,8 +295,8 @@ def _open_client(uri: str) -> Any:
 
 def _trial_runs(client: Any, experiment_id: str, parent_run_id: str | None) -> list[Any]:
     if parent_run_id is None:
-        parents = client.search_runs([experiment_id], "tags.`klstudy.role` = 'study'", max_results=1,
-                                     order_by=["attributes.start_time DESC"])
+        parents = client.search_runs([experiment_id], "tags.`klstudy.role` = 'study'",
+                                     max_results=1, order_by=["attributes.start_time DESC"])
         parent_run_id = parents[0].info.run_id if parents else None
     query = (f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id
              else "tags.`klstudy.role` = 'trial'")
@@ -309,10 +316,12 @@ def _trials_frame(runs: list[Any], *, study: str) -> pd.DataFrame:
         params, tags = run.data.params, run.data.tags
         rows.append({
             "study": tags.get("klstudy.study", study),
-            "trial_id": tags.get("klstudy.trial_id") or params.get("trial_id") or run.info.run_name,
+            "trial_id": (tags.get("klstudy.trial_id") or params.get("trial_id")
+                         or run.info.run_name),
             **{name: params.get(name) for name in CONFIG_COLUMNS},
             "status": tags.get("klstudy.status") or _RUN_STATUS.get(run.info.status, "running"),
-            "pruned_at_step": tags.get("klstudy.pruned_at_step"), "error": tags.get("klstudy.error"),
+            "pruned_at_step": tags.get("klstudy.pruned_at_step"),
+            "error": tags.get("klstudy.error"),
             "mlflow_run_id": run.info.run_id, "node_ip": tags.get("klstudy.node_ip"),
         })
     frame = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
@@ -320,22 +329,30 @@ def _trials_frame(runs: list[Any], *, study: str) -> pd.DataFrame:
 
 
 def _history_sql(uri: str, run_ids: list[str]) -> pd.DataFrame:
-    """Every metric point of ``run_ids``, straight from the store's ``metrics`` table."""
+    """Every metric point of ``run_ids``, straight from the store's ``metrics`` table.
+
+    The query is built with SQLAlchemy (any MLflow database) but fetched through the raw DBAPI
+    cursor: plain tuples are twice as fast as SQLAlchemy rows for millions of points.
+    """
     import sqlalchemy as sa
 
     table = sa.table("metrics", *(sa.column(c) for c in
                                   ("run_uuid", "key", "step", "value", "timestamp", "is_nan")))
     engine = sa.create_engine(uri)
+    connection = engine.raw_connection()
     frames = []
     try:
-        with engine.connect() as conn:
-            for start in range(0, len(run_ids), _SQL_CHUNK_RUNS):
-                chunk = run_ids[start:start + _SQL_CHUNK_RUNS]
-                query = sa.select(table.c.run_uuid, table.c.key, table.c.step, table.c.value,
-                                  table.c.timestamp, table.c.is_nan).where(table.c.run_uuid.in_(chunk))
-                rows = conn.execute(query).fetchall()
-                frames.append(pd.DataFrame.from_records(rows, columns=[*_HISTORY_COLUMNS, "is_nan"]))
+        cursor = connection.cursor()
+        for start in range(0, len(run_ids), _SQL_CHUNK_RUNS):
+            chunk = run_ids[start:start + _SQL_CHUNK_RUNS]
+            query = sa.select(*table.c).where(table.c.run_uuid.in_(chunk))
+            sql = query.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+            cursor.execute(str(sql))
+            frames.append(pd.DataFrame.from_records(cursor.fetchall(),
+                                                    columns=[*_HISTORY_COLUMNS, "is_nan"]))
+        cursor.close()
     finally:
+        connection.close()
         engine.dispose()
     frame = pd.concat(frames, ignore_index=True)
     frame.loc[frame["is_nan"].astype(bool), "value"] = np.nan
@@ -386,7 +403,8 @@ def _history_rest(client: Any, runs: list[Any]) -> pd.DataFrame | None:
         with ThreadPoolExecutor(max_workers=4) as pool:
             chunks = list(pool.map(lambda job: fetch(*job), jobs))
     except LookupError:
-        log.info("the tracking server has no %s endpoint: one request per run and metric", _BULK_ENDPOINT)
+        log.info("the tracking server has no %s endpoint: one request per run and metric",
+                 _BULK_ENDPOINT)
         return None
     return pd.DataFrame([p for chunk in chunks for p in chunk], columns=_HISTORY_COLUMNS)
 
@@ -399,7 +417,8 @@ def _point(run_id: str, metric: Any) -> dict[str, Any]:
 def _history_per_run(client: Any, runs: list[Any]) -> pd.DataFrame:
     jobs = [(run.info.run_id, key) for run in runs for key in run.data.metrics]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        chunks = pool.map(lambda job: [_point(job[0], m) for m in client.get_metric_history(*job)], jobs)
+        chunks = pool.map(
+            lambda job: [_point(job[0], m) for m in client.get_metric_history(*job)], jobs)
         points = [p for chunk in chunks for p in chunk]
     return pd.DataFrame(points, columns=_HISTORY_COLUMNS)
 
@@ -412,8 +431,10 @@ def _tidy_metrics(history: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     key_codes, keys = pd.factorize(history["key"])
     parts = [str(k).partition("/") for k in keys]
     usable = [s in SPLITS and m in METRIC_COLUMNS for s, _, m in parts]
-    split_of_key = np.array([SPLITS.index(s) if ok else -1 for (s, _, _), ok in zip(parts, usable)])
-    metric_of_key = np.array([METRIC_COLUMNS.index(m) if ok else -1 for (_, _, m), ok in zip(parts, usable)])
+    split_of_key = np.array([SPLITS.index(s) if ok else -1
+                             for (s, _, _), ok in zip(parts, usable)])
+    metric_of_key = np.array([METRIC_COLUMNS.index(m) if ok else -1
+                              for (_, _, m), ok in zip(parts, usable)])
     step = history["step"].to_numpy(np.int64)
     order = np.lexsort((history["timestamp"].to_numpy(np.int64), step, key_codes, run_codes))
     run_codes, key_codes, step = run_codes[order], key_codes[order], step[order]
@@ -436,7 +457,8 @@ def _tidy_metrics(history: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
         taken = np.where(train_row >= 0, matrix[np.maximum(train_row, 0), col], np.nan)
         matrix[:, col] = np.where(row_split == 0, matrix[:, col], taken)
     frame = pd.DataFrame(matrix, columns=list(METRIC_COLUMNS))
-    position = pd.Index(trials["mlflow_run_id"]).get_indexer(np.asarray(run_ids)[rest // len(steps)])
+    run_of_row = np.asarray(run_ids)[rest // len(steps)]
+    position = pd.Index(trials["mlflow_run_id"]).get_indexer(run_of_row)
     config = trials[["study", "trial_id", *CONFIG_COLUMNS]].iloc[np.maximum(position, 0)]
     frame = pd.concat([config.reset_index(drop=True), frame], axis=1)
     frame["step"] = np.asarray(steps)[rest % len(steps)]
@@ -450,7 +472,8 @@ def _tidy_metrics(history: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
 def _at_beta_max(frame: pd.DataFrame) -> np.ndarray:
     keys = ["step", "total_steps", "n_cycles", "ratio"]
     unique = frame[keys].drop_duplicates()
-    flags = [1 <= s <= t and at_beta_max(int(s), total_steps=int(t), n_cycles=int(m), ratio=float(r))
+    flags = [1 <= s <= t and at_beta_max(int(s), total_steps=int(t), n_cycles=int(m),
+                                         ratio=float(r))
              for s, t, m, r in unique.itertuples(index=False)]
     lookup = unique.assign(_flag=flags)
     return frame[keys].merge(lookup, on=keys, how="left")["_flag"].to_numpy(bool)
@@ -464,7 +487,8 @@ def _per_trial(data: StudyData, split: str, pick: pd.Series) -> pd.DataFrame:
     if len(absent):
         filler = absent.assign(split=split, step=np.nan, final=False, at_beta_max=False)
         rows = pd.concat([rows, filler[[c for c in EVALUATION_COLUMNS if c in filler.columns]]])
-    return rows.sort_values("trial_id", kind="stable").reset_index(drop=True)[list(EVALUATION_COLUMNS)]
+    rows = rows.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    return rows[list(EVALUATION_COLUMNS)]
 
 
 def _check_split(split: str) -> None:
@@ -497,4 +521,5 @@ def best_rows(data: StudyData, *, metric: str = "elbo", split: str = "valid") ->
     ev = data.evaluations
     ev = ev[(ev["split"] == split) & ev[metric].notna()]
     grouped = ev.groupby("trial_id", sort=False)[metric]
-    return _per_trial(data, split, grouped.idxmax() if metric in _HIGHER_IS_BETTER else grouped.idxmin())
+    pick = grouped.idxmax() if metric in _HIGHER_IS_BETTER else grouped.idxmin()
+    return _per_trial(data, split, pick)

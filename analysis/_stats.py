@@ -65,7 +65,8 @@ def config_table(finals: pd.DataFrame,
         ``n_seeds`` (all trials of the config), ``n_completed``, ``n_pruned``, ``n_error``.
     """
     keys = list(CONFIG_KEYS)
-    status = finals[keys].assign(**{f"n_{s}": finals["status"] == s for s in ("completed", "pruned", "error")})
+    flags = {f"n_{s}": finals["status"] == s for s in ("completed", "pruned", "error")}
+    status = finals[keys].assign(**flags)
     table = status.groupby(keys, sort=True).agg(
         n_seeds=("n_completed", "size"), n_completed=("n_completed", "sum"),
         n_pruned=("n_pruned", "sum"), n_error=("n_error", "sum"))
@@ -119,8 +120,8 @@ def paired_vs_monotonic(finals: pd.DataFrame,
     monotonic = configs[configs["n_cycles"] == 1].drop(columns="n_cycles")
     cyclical = configs[configs["n_cycles"] > 1].merge(monotonic, on=shared).sort_values(keys)
     done = _completed(finals)[[*keys, "seed", *metrics]]
-    pairs = done[done["n_cycles"] > 1].merge(
-        done[done["n_cycles"] == 1].drop(columns="n_cycles"), on=[*shared, "seed"], suffixes=("", "_mono"))
+    pairs = done[done["n_cycles"] > 1].merge(done[done["n_cycles"] == 1].drop(columns="n_cycles"),
+                                             on=[*shared, "seed"], suffixes=("", "_mono"))
     by_config = dict(list(pairs.groupby(keys, sort=False)))
     rows = []
     for config in cyclical.itertuples(index=False):
@@ -171,13 +172,13 @@ def _comparison_line(table: pd.DataFrame, paired: pd.DataFrame) -> str:
     elbo = elbo.assign(_testable=elbo["n_pairs"] >= 2, _score=elbo["elbo_mean"].fillna(-np.inf))
     top = elbo.sort_values(["_testable", "_score"], ascending=False, kind="stable").iloc[0]
     same = paired[(paired[list(CONFIG_KEYS)] == top[list(CONFIG_KEYS)]).all(axis=1)]
-    head = (f"Cyclical vs monotonic (M={top['n_cycles']} vs M=1, R={top['ratio']:g}, {top['ramp']}, "
-            f"β_max={top['beta_max']:g})")
+    head = (f"Cyclical vs monotonic (M={top['n_cycles']} vs M=1, R={top['ratio']:g}, "
+            f"{top['ramp']}, β_max={top['beta_max']:g})")
     n = int(top["n_pairs"])
     if n < 2:
         return f"{head}: too few seeds for a claim (n={n})"
-    parts = [f"{_METRIC_NAMES.get(r['metric'], r['metric'])} {_pm(r['mean_diff'], r['ci'], signed=True)}"
-             for _, r in same.iterrows()]
+    parts = [f"{_METRIC_NAMES.get(r['metric'], r['metric'])} "
+             f"{_pm(r['mean_diff'], r['ci'], signed=True)}" for _, r in same.iterrows()]
     p = top["p_value"]
     p_text = f"ELBO p={p:.2g}" if math.isfinite(p) else "ELBO p n/a"
     return f"{head}: {', '.join(parts)} (paired over {n} seeds, {p_text})"

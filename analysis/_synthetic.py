@@ -23,7 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers._config import TrialConfig
-from workers._records import CONFIG_COLUMNS, EVAL_COLUMNS, LATENT_COLUMNS, METRIC_COLUMNS, TRIAL_COLUMNS
+from workers._records import (
+    CONFIG_COLUMNS,
+    EVAL_COLUMNS,
+    LATENT_COLUMNS,
+    METRIC_COLUMNS,
+    TRIAL_COLUMNS,
+)
 from workers._schedules import at_beta_max, beta_at
 
 DEFAULT_GRID: Mapping[str, Sequence[Any]] = {
@@ -70,7 +76,8 @@ def write_synthetic_study(
 
     Args:
         study_dir: created if missing; receives study.json, evaluations/, latents/, trials.parquet.
-        n_trials: trials over the grid, seed-major (every config gets seed 0 before any gets seed 1).
+        n_trials: trials over the grid, seed-major (every config gets seed 0 before any gets
+            seed 1).
         n_evals: evaluations of a trial that runs to the end (every 50 optimizer steps).
         seed: of the random curves, prunings and errors.
         tracking_uri: also log parent + child runs there (batched ``log_batch`` calls).
@@ -105,7 +112,8 @@ def write_synthetic_study(
 
 def _configs(name: str, n_trials: int, n_evals: int,
              grid: Mapping[str, Sequence[Any]]) -> list[TrialConfig]:
-    points = list(itertools.product(grid["n_cycles"], grid["ratio"], grid["ramp"], grid["beta_max"]))
+    axes = (grid["n_cycles"], grid["ratio"], grid["ramp"], grid["beta_max"])
+    points = list(itertools.product(*axes))
     configs = []
     for index in range(n_trials):
         m, r, ramp, b = points[index % len(points)]
@@ -128,7 +136,8 @@ def _make_trial(c: TrialConfig, n_evals: int, rng: np.random.Generator, *, runni
         status, n_reached = "running", max(1, n_evals // 2)
     elif u < p_error and n_evals >= 2:  # fails before its last evaluation
         status, n_reached = "error", int(rng.integers(1, n_evals))
-        error = f"NonFiniteLossError: trial {c.trial_id}: loss is nan at step {steps[n_reached - 1]}"
+        error = (f"NonFiniteLossError: trial {c.trial_id}: loss is nan at step "
+                 f"{steps[n_reached - 1]}")
     elif u < p_error + p_pruned and n_evals >= 4:
         status, n_reached = "pruned", int(rng.integers(n_evals // 4, 3 * n_evals // 4 + 1))
     steps = steps[:max(1, n_reached)]
@@ -140,8 +149,9 @@ def _make_trial(c: TrialConfig, n_evals: int, rng: np.random.Generator, *, runni
             valid[key] = np.append(np.full(len(steps) - 1, np.nan), value)
         shift = 0.03 + 0.01 * rng.standard_normal()
         test = {k: float(valid[k][-1]) for k in _VALID_KEYS}
-        test.update(rec=test["rec"] + shift, elbo=test["elbo"] - shift, nll_elbo=test["nll_elbo"] + shift,
-                    ppl=math.exp((test["nll_elbo"] + shift) / _N_TOKENS))
+        nll = test["nll_elbo"] + shift
+        test.update(rec=test["rec"] + shift, elbo=-nll, nll_elbo=nll,
+                    ppl=math.exp(nll / _N_TOKENS))
         test.update(_iw(test["nll_elbo"], test["kl"]))
     latents = _latents(valid["kl"], steps, c.total_steps, rng) if c.seed == 0 else None
     return _Trial(c, status, steps, train, valid, test, latents, error)
@@ -153,19 +163,23 @@ def _curves(c: TrialConfig, steps: np.ndarray,
     beta = np.array([beta_at(int(t), total_steps=c.total_steps, n_cycles=c.n_cycles, ratio=c.ratio,
                              ramp=c.ramp, beta_max=c.beta_max) for t in steps])
     low_beta = 1.0 - beta / c.beta_max
-    kl_inf = min(2.2, (0.3 + 0.35 * math.log2(c.n_cycles) + 0.3 * (1 - c.ratio)) / math.sqrt(c.beta_max))
+    kl_inf = (0.3 + 0.35 * math.log2(c.n_cycles) + 0.3 * (1 - c.ratio)) / math.sqrt(c.beta_max)
+    kl_inf = min(2.2, kl_inf)
     kl_inf *= math.exp(0.05 * rng.standard_normal())
-    gap = 0.25 + 0.15 / math.sqrt(c.n_cycles) + 0.1 * abs(c.ratio - 0.5) + 0.02 * rng.standard_normal()
+    gap = 0.25 + 0.15 / math.sqrt(c.n_cycles) + 0.1 * abs(c.ratio - 0.5)
+    gap += 0.02 * rng.standard_normal()
     rec_inf = max(0.05, _LOG10 + gap - kl_inf)
     decay = np.exp(-6.0 * steps / c.total_steps)
     n = len(steps)
-    kl = np.maximum(0.0, kl_inf * (1 - 0.8 * decay) * (1 + 0.6 * low_beta) + 0.02 * rng.standard_normal(n))
-    rec = np.maximum(0.01, rec_inf + 2.5 * decay - 0.4 * low_beta * kl_inf + 0.02 * rng.standard_normal(n))
+    kl = kl_inf * (1 - 0.8 * decay) * (1 + 0.6 * low_beta) + 0.02 * rng.standard_normal(n)
+    rec = rec_inf + 2.5 * decay - 0.4 * low_beta * kl_inf + 0.02 * rng.standard_normal(n)
+    kl, rec = np.maximum(0.0, kl), np.maximum(0.01, rec)
     train = {"beta": beta, "lr": np.full(n, c.lr), "loss": rec + beta * kl, "rec": rec, "kl": kl}
     v_rec = rec + 0.05 + 0.01 * rng.standard_normal(n)
     v_kl = np.maximum(0.0, kl * 0.98 + 0.01 * rng.standard_normal(n))
     nll = v_rec + v_kl
-    valid = {"rec": v_rec, "kl": v_kl, "elbo": -nll, "nll_elbo": nll, "ppl": np.exp(nll / _N_TOKENS),
+    valid = {"rec": v_rec, "kl": v_kl, "elbo": -nll, "nll_elbo": nll,
+             "ppl": np.exp(nll / _N_TOKENS),
              "au": np.where(v_kl > 0.6, 2.0, np.where(v_kl > 0.15, 1.0, 0.0)),
              "mi": np.minimum(v_kl, _LOG10) * (0.85 + 0.02 * rng.standard_normal(n))}
     return train, valid
@@ -180,7 +194,8 @@ def _latents(kl: np.ndarray, steps: np.ndarray, total_steps: int,
              rng: np.random.Generator) -> np.ndarray:
     """Posterior means of the 10 toy sequences: a ring that opens up as KL grows."""
     angle = 2 * math.pi * np.arange(10) / 10
-    radius = np.sqrt(np.maximum(kl, 0.0))[:, None] * (0.3 + 0.7 * (1 - np.exp(-4 * steps / total_steps)))[:, None]
+    opening = 0.3 + 0.7 * (1 - np.exp(-4 * steps / total_steps))
+    radius = (np.sqrt(np.maximum(kl, 0.0)) * opening)[:, None]
     noise = 0.05 * rng.standard_normal((len(steps), 10, 2))
     return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1) + noise
 
@@ -209,8 +224,9 @@ def _eval_columns(study: str, t: _Trial) -> dict[str, np.ndarray | list]:
         cols["step"].append(steps)
         cols["split"].append(np.full(k, split, dtype=object))
         cols["final"].append(steps == c.total_steps)
-        cols["at_beta_max"].append(np.array([at_beta_max(int(s), total_steps=c.total_steps,
-                                                         n_cycles=c.n_cycles, ratio=c.ratio) for s in steps]))
+        cols["at_beta_max"].append(np.array([
+            at_beta_max(int(s), total_steps=c.total_steps, n_cycles=c.n_cycles, ratio=c.ratio)
+            for s in steps]))
         for name in METRIC_COLUMNS:
             cols[name].append(np.asarray(metrics[name], dtype=float))
     return {name: np.concatenate(parts) for name, parts in cols.items()}
@@ -225,7 +241,8 @@ def _write_parquet(root: Path, study: str, trials: list[_Trial], run_ids: dict[s
         pq.write_table(table, root / "evaluations" / f"part-{part:06d}.parquet")
     latent_rows = [_latent_columns(study, t) for t in trials if t.latents is not None]
     if latent_rows:
-        table = pa.table({name: np.concatenate([r[name] for r in latent_rows]) for name in LATENT_COLUMNS})
+        table = pa.table({name: np.concatenate([r[name] for r in latent_rows])
+                          for name in LATENT_COLUMNS})
         pq.write_table(table, root / "latents" / "part-000000.parquet")
     pq.write_table(pa.Table.from_pylist([_trial_row(study, t, run_ids) for t in trials]),
                    root / "trials.parquet")
@@ -244,8 +261,9 @@ def _latent_columns(study: str, t: _Trial) -> dict[str, np.ndarray]:
 
 def _trial_row(study: str, t: _Trial, run_ids: dict[str, str]) -> dict[str, Any]:
     c = t.config
-    row = {"study": study, "trial_id": c.trial_id, "status": t.status, "last_step": int(t.steps[-1]),
-           "pruned_at_step": int(t.steps[-1]) if t.status == "pruned" else None, "error": t.error,
+    row = {"study": study, "trial_id": c.trial_id, "status": t.status,
+           "last_step": int(t.steps[-1]), "error": t.error,
+           "pruned_at_step": int(t.steps[-1]) if t.status == "pruned" else None,
            "mlflow_run_id": run_ids.get(c.trial_id), "node_ip": "127.0.0.1"}
     row.update({k: getattr(c, k) for k in TRIAL_COLUMNS if k not in row})
     return {k: row[k] for k in TRIAL_COLUMNS}
@@ -268,7 +286,7 @@ def _mlflow_metrics(t: _Trial, base_ms: int) -> list[Any]:
 
 
 def _log_mlflow(uri: str, study: str, trials: list[_Trial]) -> tuple[dict[str, str], str, str]:
-    """Parent run + one nested child run per trial; returns ({trial_id: run_id}, parent, exp id)."""
+    """Parent run + one nested child run per trial; returns ({trial_id: run_id}, parent, exp)."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 

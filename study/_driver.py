@@ -52,8 +52,7 @@ def _open_parent_run(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(spec.name)
     if experiment is None:
-        embedded = tracking_uri == sd.mlflow_url
-        location = sd.artifacts_dir.as_uri() if embedded else None
+        location = _artifact_location(tracking_uri, sd)
         experiment_id = client.create_experiment(spec.name, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
@@ -65,6 +64,20 @@ def _open_parent_run(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri
         client.log_batch(run.info.run_id, params=params[start : start + 100])
     client.log_text(run.info.run_id, spec_text, "spec.yaml")
     return experiment_id, run.info.run_id
+
+
+def _artifact_location(tracking_uri: str, sd: StudyDir) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store, or wherever a server says.
+
+    Without this, MLflow puts a local store's artifacts in ``./mlruns`` of the current directory.
+    """
+    if tracking_uri == sd.mlflow_url:
+        return sd.artifacts_dir.as_uri()
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    if "://" not in tracking_uri or tracking_uri.startswith("file:"):
+        return None  # a file store keeps artifacts inside itself
+    return None  # http(s) or another database: the server's default (served artifacts)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

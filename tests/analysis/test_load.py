@@ -1,4 +1,4 @@
-"""analysis._load: the Parquet fast path, the MLflow rebuild (same table), errors, per-trial rows."""
+"""analysis._load: Parquet fast path, MLflow rebuild (same table), errors, per-trial rows."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ SHARED_TRIAL_COLUMNS = [c for c in TRIAL_COLUMNS if c != "node_ip"]  # MLflow do
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A finished synthetic study with pruned and failed trials, in Parquet and in sqlite MLflow."""
+    """A finished synthetic study with pruned and failed trials, in Parquet and sqlite MLflow."""
     root = tmp_path_factory.mktemp("load")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    write_synthetic_study(root / NAME, n_trials=N_TRIALS, n_evals=N_EVALS, seed=5, tracking_uri=uri,
-                          p_pruned=0.3, p_error=0.15)
+    write_synthetic_study(root / NAME, n_trials=N_TRIALS, n_evals=N_EVALS, seed=5,
+                          tracking_uri=uri, p_pruned=0.3, p_error=0.15)
     return root / NAME, uri
 
 
@@ -94,7 +94,8 @@ def test_mlflow_sqlite_rebuild_equals_parquet(store, data):
     assert rebuilt.source == "mlflow" and rebuilt.meta == {} and rebuilt.latents.empty
     pd.testing.assert_frame_equal(sorted_frame(rebuilt.evaluations, ["trial_id", "step", "split"]),
                                   sorted_frame(data.evaluations, ["trial_id", "step", "split"]))
-    pd.testing.assert_frame_equal(rebuilt.trials[SHARED_TRIAL_COLUMNS], data.trials[SHARED_TRIAL_COLUMNS])
+    pd.testing.assert_frame_equal(rebuilt.trials[SHARED_TRIAL_COLUMNS],
+                                  data.trials[SHARED_TRIAL_COLUMNS])
 
 
 def test_load_study_rebuilds_from_mlflow_without_parquet(store, study_copy):
@@ -125,7 +126,8 @@ def test_a_repeated_step_keeps_the_last_row(study_copy):
         repeat, preserve_index=False), study_copy / "evaluations" / "part-000500.parquet")
     ev = load_study(study_copy).evaluations
     key = repeat.iloc[0]
-    hit = ev[(ev["trial_id"] == key["trial_id"]) & (ev["step"] == key["step"]) & (ev["split"] == key["split"])]
+    hit = ev[(ev["trial_id"] == key["trial_id"]) & (ev["step"] == key["step"])
+             & (ev["split"] == key["split"])]
     assert list(hit["elbo"]) == [-99.0]
 
 
@@ -193,13 +195,15 @@ def test_final_rows_on_test_split_have_nan_for_unfinished_trials(data):
 
 def test_final_rows_include_trials_without_evaluations(data):
     pending = data.trials.iloc[[0]].assign(trial_id="zz-pending", status="pending", last_step=0)
-    extended = dataclasses.replace(data, trials=pd.concat([data.trials, pending], ignore_index=True))
+    trials = pd.concat([data.trials, pending], ignore_index=True)
+    extended = dataclasses.replace(data, trials=trials)
     row = final_rows(extended).iloc[-1]
     assert row["trial_id"] == "zz-pending" and row["status"] == "pending"
     assert np.isnan(row["elbo"]) and np.isnan(row["step"])
 
 
-@pytest.mark.parametrize("metric, how", [("elbo", "max"), ("mi", "max"), ("kl", "min"), ("rec", "min")])
+@pytest.mark.parametrize("metric, how",
+                         [("elbo", "max"), ("mi", "max"), ("kl", "min"), ("rec", "min")])
 def test_best_rows_pick_the_best_value_of_each_trial(data, metric, how):
     best = best_rows(data, metric=metric).set_index("trial_id")[metric]
     valid = data.evaluations[data.evaluations["split"] == "valid"]
@@ -222,12 +226,14 @@ def test_http_bulk_rebuild_equals_parquet(mlflow_server, tmp_path):
     pd.testing.assert_frame_equal(rebuilt.evaluations, parquet.evaluations)
 
 
-def test_http_without_bulk_endpoint_falls_back_to_per_run_calls(mlflow_server, tmp_path, monkeypatch):
+def test_http_without_bulk_endpoint_falls_back_to_per_run_calls(mlflow_server, tmp_path,
+                                                                 monkeypatch):
     write_synthetic_study(tmp_path / "http-old", n_trials=3, n_evals=4, seed=2,
                           tracking_uri=mlflow_server.uri)
     monkeypatch.setattr(_load, "_BULK_ENDPOINT", "/ajax-api/2.0/mlflow/metrics/no-such-endpoint")
     rebuilt = load_from_mlflow(mlflow_server.uri, "http-old")
-    pd.testing.assert_frame_equal(rebuilt.evaluations, load_study(tmp_path / "http-old").evaluations)
+    parquet = load_study(tmp_path / "http-old")
+    pd.testing.assert_frame_equal(rebuilt.evaluations, parquet.evaluations)
 
 
 def test_analysis_never_imports_ray():
@@ -244,9 +250,11 @@ def test_trial_runs_without_metrics_give_running_trials_and_no_rows(store):
     exp_id = client.create_experiment("just-started")
     parent = client.create_run(exp_id, run_name="just-started", tags={"klstudy.role": "study"})
     for trial_id in ("t0", "t1"):
-        run = client.create_run(exp_id, run_name=trial_id, tags={
-            "mlflow.parentRunId": parent.info.run_id, "klstudy.role": "trial", "klstudy.trial_id": trial_id})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in TrialConfig().to_dict().items()])
+        tags = {"mlflow.parentRunId": parent.info.run_id, "klstudy.role": "trial",
+                "klstudy.trial_id": trial_id}
+        run = client.create_run(exp_id, run_name=trial_id, tags=tags)
+    params = [Param(k, str(v)) for k, v in TrialConfig().to_dict().items()]
+    client.log_batch(run.info.run_id, params=params)
     data = load_from_mlflow(store[1], "just-started")  # t0 has no params yet: skipped
     assert data.evaluations.empty and list(data.evaluations.columns) == list(EVALUATION_COLUMNS)
     assert list(data.trials["trial_id"]) == ["t1"] and list(data.trials["status"]) == ["running"]

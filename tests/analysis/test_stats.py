@@ -21,7 +21,8 @@ from analysis._stats import (
 
 def finals(rows: list[tuple]) -> pd.DataFrame:
     """(n_cycles, ratio, seed, status, elbo, rec, kl) rows; ramp linear, β_max 1."""
-    frame = pd.DataFrame(rows, columns=["n_cycles", "ratio", "seed", "status", "elbo", "rec", "kl"])
+    columns = ["n_cycles", "ratio", "seed", "status", "elbo", "rec", "kl"]
+    frame = pd.DataFrame(rows, columns=columns)
     return frame.assign(ramp="linear", beta_max=1.0, mi=0.5, au=1.0)
 
 
@@ -89,7 +90,8 @@ def test_paired_difference_ci_and_tests_match_hand_numbers():
     assert (elbo["n_cycles"], elbo["ratio"], elbo["n_pairs"]) == (4, 0.5, 6)
     assert elbo["mean_diff"] == pytest.approx(0.5)
     assert elbo["ci"] == pytest.approx(stats.t.ppf(0.975, 5) * math.sqrt(0.02 / 6))
-    assert elbo["p_value"] == pytest.approx(stats.ttest_rel(np.add(MONO_ELBO, DIFFS), MONO_ELBO).pvalue)
+    expected_p = stats.ttest_rel(np.add(MONO_ELBO, DIFFS), MONO_ELBO).pvalue
+    assert elbo["p_value"] == pytest.approx(expected_p)
     assert elbo["p_value"] == pytest.approx(3.4e-4, rel=0.05)  # t = 8.66 on 5 dof
     assert elbo["p_wilcoxon"] == pytest.approx(2 / 64)  # all 6 differences positive: exact test
     assert elbo["note"] == ""
