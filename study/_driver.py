@@ -75,9 +75,7 @@ def _artifact_location(tracking_uri: str, sd: StudyDir) -> str | None:
         return sd.artifacts_dir.as_uri()
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    if "://" not in tracking_uri or tracking_uri.startswith("file:"):
-        return None  # a file store keeps artifacts inside itself
-    return None  # http(s) or another database: the server's default (served artifacts)
+    return None  # a file store keeps artifacts inside itself; a server chooses (served artifacts)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

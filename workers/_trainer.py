@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -111,6 +111,28 @@ def load_trial_corpus(config: TrialConfig) -> Corpus:
     )
 
 
+@torch.no_grad()
+def _clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)`` (L2 norm) with less overhead.
+
+    When every gradient has the same device and dtype (always, for SentenceVAE) this runs the
+    very kernels torch runs, in the same order (per-tensor foreach norms, the norm of their
+    stack, the clamped coefficient, a foreach multiply), so the result is bit-identical; it only
+    skips torch's per-call grouping by device and dtype (~40% of its cost on the toy model).
+    Anything else goes to torch.
+    """
+    params = list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    device, dtype = grads[0].device, grads[0].dtype
+    if any(g.device != device or g.dtype != dtype or g.is_sparse for g in grads):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
+
+
 class _Trainer:
     """State of one running trial; ``run`` drives it to the end or to a stop."""
 
@@ -149,7 +171,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            _clip_grad_norm(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
         self._sums += torch.stack([loss.detach(), rec.detach(), kl.detach()])
         self._n_steps_in_interval += 1
