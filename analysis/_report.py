@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 FIGURE_DPI = 110
+_PNG_COMPRESS_LEVEL = 1  # zlib level: 1 encodes ~4x faster than the default 6, files ~30% larger
 HEATMAP_METRICS: tuple[str, ...] = ("elbo", "kl", "rec", "mi", "au")
 PAIRED_METRICS: tuple[str, ...] = ("rec", "kl", "elbo")
 PRUNING_MAX_ROWS = 40  # trials in the pruning timeline before completed ones are left out
@@ -132,7 +133,8 @@ def _figure(pngs: list[_Png], name: str, draw: Callable[[], object], caption: st
     try:
         fig = draw()
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=FIGURE_DPI)  # type: ignore[attr-defined]
+        fig.savefig(buffer, format="png", dpi=FIGURE_DPI,  # type: ignore[attr-defined]
+                    pil_kwargs={"compress_level": _PNG_COMPRESS_LEVEL})
     except Exception as err:  # one bad figure must not cost the whole report
         log.warning("figure %s could not be drawn: %s", name, err, exc_info=True)
         return f"<p class='note'>{_e(name)}: could not be drawn ({_e(str(err))}).</p>"
