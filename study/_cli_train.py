@@ -1,0 +1,116 @@
+"""``klstudy train``: one trial, no Ray, printing each evaluation as it goes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from study._cli_base import UserError
+
+
+# --- klstudy train ----------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one trial (no Ray), printing each evaluation")
+    p.add_argument("--model", choices=["toy", "lstm_text"], default="toy")
+    p.add_argument("--data", default="toy", help="toy | ptb | a directory of train/valid/test .txt")
+    p.add_argument("--n-cycles", type=int, default=4, help="M, number of β cycles")
+    p.add_argument("--ratio", type=float, default=0.5, help="R, proportion of a cycle spent ramping")
+    p.add_argument("--ramp", choices=["linear", "sigmoid", "cosine"], default="linear")
+    p.add_argument("--beta-max", type=float, default=1.0)
+    p.add_argument("--total-steps", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 10 (toy), 32 (text)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=["constant", "cyclical_cosine"], default="constant")
+    p.add_argument("--grad-clip", type=float, default=5.0)
+    p.add_argument("--eval-every", type=int, default=None, help="steps; default: total/20")
+    p.add_argument("--iw-samples", type=int, default=500, help="K of the final IW-NLL; 0 skips")
+    p.add_argument("--max-train-sentences", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest for the toy; try 2-4 for lstm_text)")
+    p.add_argument("--out", type=Path, default=None, help="directory for checkpoint and results")
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint file or directory")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON, last")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _train_config(args: argparse.Namespace):  # -> TrialConfig
+    from workers import ConfigError, TrialConfig
+
+    if args.data in ("toy", "ptb"):
+        data, data_path = args.data, None
+    else:
+        data, data_path = "text", str(args.data)
+        if not Path(data_path).is_dir():
+            raise UserError(f"--data: must be toy, ptb or an existing directory, got {args.data!r}")
+    text_model = args.model == "lstm_text"
+    config = TrialConfig(
+        model=args.model,
+        data=data,
+        data_path=data_path,
+        max_train_sentences=args.max_train_sentences,
+        total_steps=args.total_steps,
+        batch_size=args.batch_size or (32 if text_model else 10),
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        grad_clip=args.grad_clip,
+        n_cycles=args.n_cycles,
+        ratio=args.ratio,
+        ramp=args.ramp,
+        beta_max=args.beta_max,
+        eval_every_steps=args.eval_every or max(1, args.total_steps // 20),
+        eval_batch_size=256,
+        iw_samples=args.iw_samples,
+        seed=args.seed,
+        device=args.device,
+        num_threads=args.threads,
+        trial_id=f"train-seed{args.seed}",
+    )
+    try:
+        config.check()
+    except ConfigError as exc:
+        raise UserError(f"--{exc.field.replace('_', '-')}: {exc.message}") from None
+    return config
+
+
+def _format_evaluation(ev, total_steps: int) -> str:
+    v, t = ev.valid, ev.train
+    line = (
+        f"step {ev.step:>{len(str(total_steps))}}/{total_steps}  beta {t['beta']:.3f}  "
+        f"loss {t['loss']:.3f}  valid: rec {v['rec']:.3f} kl {v['kl']:.3f} elbo {v['elbo']:.3f} "
+        f"ppl {v['ppl']:.2f} au {v['au']:.0f} mi {v['mi']:.3f}"
+    )
+    if "iw_nll" in v:
+        line += f" iw_nll {v['iw_nll']:.3f}"
+    return line
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from workers import CheckpointError, DataError, train_trial
+
+    config = _train_config(args)
+    out: Path | None = args.out
+    history = []
+
+    def report(ev) -> None:
+        print(_format_evaluation(ev, config.total_steps), flush=True)
+        history.append({"step": ev.step, **ev.flat()})
+
+    try:
+        result = train_trial(config, report=report, checkpoint_dir=out, resume_from=args.resume)
+    except (DataError, CheckpointError) as exc:
+        raise UserError(str(exc)) from None
+    if not result.evaluations:
+        raise UserError(f"--resume: the checkpoint is already at step {result.step} of "
+                        f"--total-steps {config.total_steps}; nothing left to train")
+    final = dict(result.final)
+    if out is not None:
+        mode = "a" if args.resume is not None else "w"  # a resumed run extends its history
+        with open(out / "evaluations.jsonl", mode) as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        (out / "final.json").write_text(json.dumps(final, indent=2))
+    if args.json:
+        print(json.dumps(final))
+    return 0
