@@ -11,7 +11,6 @@ import os
 from collections.abc import Iterator
 
 import pytest
-
 from _services import MlflowServer, RayCluster  # tests/ is on sys.path (rootdir conftest)
 
 SERVICE_FIXTURES = ("ray_cluster", "mlflow_server")

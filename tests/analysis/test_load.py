@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from _services import free_port
+
 from analysis import _load
 from analysis._load import (
     EVALUATION_COLUMNS,

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from _services import free_port
+
 from analysis._report import REPORT_FILE, build_report
 from analysis._synthetic import write_synthetic_study
 

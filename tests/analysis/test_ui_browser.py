@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from _services import free_port
+
 from analysis._load import ReportError
 from analysis._report import build_report
 from analysis._synthetic import write_synthetic_study
