@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # Checkpoints are kept to 2 per trial, which makes Tune snapshot its state on every checkpoint
 # and warn about it each time; the snapshots are cheap here (small experiment state).
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# klstudy prints its own progress line; Tune's new console output would add tables around it.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 class StudyError(RuntimeError):
@@ -229,6 +231,9 @@ def _spec_from_meta(meta: dict[str, Any]) -> StudySpec:
 
 
 def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None, make_tuner: Any) -> StudySummary:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
     we_started_ray = _init_ray(address)
     status = "failed"
