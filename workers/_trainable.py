@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 TRIAL_KEY = "klstudy_trial_id"
 _TERMINAL = ("completed", "pruned")
-_LATENT_PLOT_EVALS = 4  # latent scatters logged per trial (2-D models), spread over training
+# Metrics are sent in batches at most this often (and at the end, or when the trial is stopped):
+# one MLflow call costs ~30 ms, a toy evaluation interval well under a second.
+_FLUSH_EVERY_S = 10.0
 
 
 class TrialRunLogger:
@@ -33,6 +35,8 @@ class TrialRunLogger:
 
         self.client = MlflowClient(tracking_uri=study["tracking_uri"])
         self.config = config
+        self._pending: list[Any] = []
+        self._last_flush = time.monotonic()
         self.run_id = self._attach_or_create(study)
 
     def _attach_or_create(self, study: dict[str, Any]) -> str:
@@ -67,19 +71,22 @@ class TrialRunLogger:
         self.client.log_dict(run_id, self.config.to_dict(), "config.json")
 
     def log_evaluation(self, ev: Evaluation) -> None:
+        """Queue an evaluation's metrics; they are sent in one batch every ``_FLUSH_EVERY_S``."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, ev.step) for k, v in mlflow_metrics(ev).items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
-        if ev.latents and self._wants_latent_plot(ev):
+        self._pending.extend(Metric(k, v, now, ev.step) for k, v in mlflow_metrics(ev).items())
+        if ev.final or time.monotonic() - self._last_flush >= _FLUSH_EVERY_S:
+            self.flush()
+        if ev.latents and ev.final:  # every step's latents are in the Parquet records
             self.client.log_figure(self.run_id, latent_figure(ev), f"latents/step_{ev.step:07d}.png")
 
-    def _wants_latent_plot(self, ev: Evaluation) -> bool:
-        c = self.config
-        n_evals = max(1, c.total_steps // c.eval_every_steps)
-        every = max(1, n_evals // _LATENT_PLOT_EVALS)
-        return ev.final or (ev.step // c.eval_every_steps) % every == 0
+    def flush(self) -> None:
+        """Send the queued metrics (MLflow takes at most 1,000 per call)."""
+        for start in range(0, len(self._pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+        self._pending = []
+        self._last_flush = time.monotonic()
 
     def finish(self, status: str, error: str | None = None) -> None:
         self.client.set_tag(self.run_id, "klstudy.status", status)
@@ -140,7 +147,12 @@ def run_trial(tune_config: dict[str, Any]) -> None:
                         resume_from=resume_from)
         except Exception as exc:
             if run_log is not None:
+                run_log.flush()
                 run_log.finish("error", error=f"{type(exc).__name__}: {exc}")
+            raise
+        except SystemExit:  # Tune stops a trial (e.g. pruned) by exiting its training thread
+            if run_log is not None:
+                run_log.flush()
             raise
     if run_log is not None:
         run_log.finish("completed")

@@ -117,6 +117,17 @@ def test_parquet_rows_cover_every_evaluation(grid_study: Path) -> None:
     assert finals.loc[finals["split"] == "test", "iw_nll"].notna().all()
 
 
+def test_every_evaluation_reaches_mlflow_even_for_pruned_trials(grid_study: Path) -> None:
+    """Metrics are sent to MLflow in batches; a stopped (pruned) trial flushes what it queued."""
+    meta = json.loads((grid_study / "study.json").read_text())
+    client = MlflowClient(meta["tracking_uri"])
+    valid = pd.read_parquet(grid_study / "evaluations").query("split == 'valid'")
+    for run in child_runs(meta):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid/elbo"))
+        expected = sorted(valid.loc[valid["trial_id"] == run.data.tags["klstudy.trial_id"], "step"])
+        assert steps == expected, run.data.tags["klstudy.status"]
+
+
 def test_latents_and_config_artifacts_are_logged(grid_study: Path) -> None:
     meta = json.loads((grid_study / "study.json").read_text())
     client = MlflowClient(meta["tracking_uri"])
