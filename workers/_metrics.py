@@ -16,6 +16,7 @@ from workers._data import Batch
 from workers._models import SentenceVAE, gaussian_kl, log_normal, reparameterize
 
 AU_THRESHOLD = 0.01  # variance over x of E_q[z|x] that makes a latent dimension "active"
+_REC_SAMPLE_BUDGET = 256  # decoder passes per evaluation batch for Rec (see rec_samples)
 _MI_SAMPLE_BUDGET = 2048  # posterior samples per evaluation batch for the MI estimate
 
 
@@ -43,6 +44,12 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) 
     return float(neg_entropy - log_qz.mean())
 
 
+def rec_samples(batch_size: int) -> int:
+    """Posterior samples per sentence for Rec: 1 on real evaluation batches, up to 16 on tiny
+    ones (the toy's 10 sentences), where one sample each makes the ELBO too noisy to compare."""
+    return max(1, min(16, math.ceil(_REC_SAMPLE_BUDGET / batch_size)))
+
+
 def mi_samples(batch_size: int) -> int:
     """Posterior samples per sentence for MI: more on small batches (≈ 2048 pairs, 1 to 32)."""
     return max(1, min(32, math.ceil(_MI_SAMPLE_BUDGET / batch_size)))
@@ -62,8 +69,9 @@ def evaluate(
 ) -> dict[str, float]:
     """rec, kl, elbo (β = 1), nll_elbo, ppl, au, mi over all sentences of ``batches``.
 
-    ``rec`` uses one posterior sample per sentence; MI (``mi_samples`` samples per sentence, the
-    aggregate posterior formed over each evaluation batch) is averaged over batches by size.
+    ``rec`` averages ``rec_samples`` posterior samples per sentence (1 for batches ≥ 256); MI
+    uses ``mi_samples`` per sentence with the aggregate posterior formed over each evaluation
+    batch, and is averaged over batches by size.
     """
     was_training = model.training
     model.eval()
@@ -73,8 +81,9 @@ def evaluate(
     for batch in batches:
         batch = batch.to(device)
         mu, logvar = model.encode(batch)
-        z = reparameterize(mu, logvar, generator=generator)
-        rec_sum += float(model.reconstruction_nll(batch, z).sum())
+        k_rec = rec_samples(len(batch))
+        z = reparameterize(mu.repeat(k_rec, 1), logvar.repeat(k_rec, 1), generator=generator)
+        rec_sum += float(model.reconstruction_nll(batch, z).sum()) / k_rec
         kl_sum += float(gaussian_kl(mu, logvar).sum())
         k = mi_samples(len(batch))
         z_mi = reparameterize(mu.expand(k, -1, -1), logvar.expand(k, -1, -1), generator=generator)

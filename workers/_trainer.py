@@ -134,7 +134,7 @@ def _clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> None
 
 
 class _Trainer:
-    """State of one running trial; ``run`` drives it to the end or to a stop."""
+    """State of one running trial: model, optimizer, step; ``train_trial`` drives it."""
 
     def __init__(self, config: TrialConfig, corpus: Corpus | None) -> None:
         self.config = config

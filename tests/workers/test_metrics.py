@@ -321,3 +321,10 @@ def test_iw_nll_with_one_sample_is_an_unbiased_elbo(toy):
     ]
     se = math.sqrt((statistics.variance(elbo) + statistics.variance(iw1)) / 30)
     assert abs(statistics.mean(iw1) - statistics.mean(elbo)) < 5 * se
+
+
+@pytest.mark.parametrize(("batch_size", "expected"), [(10, 16), (100, 3), (256, 1), (1000, 1)])
+def test_rec_uses_more_posterior_samples_only_on_tiny_batches(batch_size, expected):
+    from workers._metrics import rec_samples
+
+    assert rec_samples(batch_size) == expected

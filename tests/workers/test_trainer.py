@@ -231,3 +231,18 @@ def test_different_seeds_give_different_trials():
     b = train_trial(_config(total_steps=20, seed=1))
     assert a.final != b.final
     assert a.evaluations[0].train["loss"] != b.evaluations[0].train["loss"]
+
+
+@pytest.mark.parametrize("max_norm", [5.0, 0.05])
+def test_fast_gradient_clipping_matches_torch_bit_for_bit(max_norm):
+    from workers._trainer import _clip_grad_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 3), torch.randn(11), torch.randn(2, 2, 2)]
+    ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    _clip_grad_norm(ours, max_norm)
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
