@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
 from _common import command_line, environment_line, markdown_table, write_output
+
 from analysis import _load
 from analysis._load import final_rows, load_from_mlflow, load_study
 from analysis._stats import config_table, paired_vs_monotonic, summary_lines
