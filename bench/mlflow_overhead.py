@@ -1,0 +1,429 @@
+"""Per-trial cost of klstudy's MLflow logging from the worker.
+
+The same toy trial (default 3000 steps, an evaluation every 100) runs through
+``workers.train_trial`` three ways:
+
+- **none**: no tracking (the report callback does nothing);
+- **sqlite**: klstudy's own ``workers._trainable.TrialRunLogger`` — what the Ray trainable does
+  per trial: ``search_runs`` for a run to re-attach to, ``create_run`` with tags, the config as
+  params (``log_batch``) and ``config.json`` (``log_dict``), one ``log_batch`` of metrics per
+  evaluation, a latent scatter (``log_figure``) at 4 evaluations + the last, and the final
+  ``set_tag``/``set_terminated`` — against an sqlite store (the embedded default);
+- **server**: the same against a real ``mlflow server`` on 127.0.0.1 (sqlite backend,
+  ``--workers 1``, ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, artifacts served by it),
+  started here and stopped by PID at the end.
+
+The experiment and the study's parent run are created before timing (the driver does that
+once per study). Each timed trial is the wall time from creating the logger to ``finish``.
+Variants are interleaved (rotating the order each repeat) after one untimed warm-up each, so
+imports and first connections are not counted — with ``reuse_actors`` a Ray worker pays them
+once; ``cold start`` below measures them in a fresh process. Every MLflow client call is timed
+(the client methods are wrapped), so the overhead is also given as Σ call time, which does not
+depend on the noise of the trial itself; CPU time (this process, plus the server's processes)
+is given too, as the machine is shared.
+
+Run from the repository root: ``python bench/mlflow_overhead.py --out bench/results/mlflow_overhead.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from _common import command_line, environment_line, markdown_table, write_output
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_CLIENT_CALLS = ("search_runs", "create_run", "update_run", "log_batch", "log_dict", "log_figure",
+                 "set_tag", "set_terminated")
+_COLD_START = """
+import sys, time
+t0 = time.perf_counter()
+from mlflow.tracking import MlflowClient
+from workers import TrialConfig
+from workers._trainable import TrialRunLogger
+t1 = time.perf_counter()
+logger = TrialRunLogger(dict(name=sys.argv[1], tracking_uri=sys.argv[2], experiment_id=sys.argv[3],
+                             parent_run_id=sys.argv[4]), TrialConfig(trial_id="cold-start"))
+t2 = time.perf_counter()
+logger.finish("completed")
+print(f"{t1 - t0:.3f} {t2 - t1:.3f}")
+"""
+
+
+# --- the MLflow server ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(tmp: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A local MLflow server in its own process group; stopped (by its PID/group) on exit."""
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
+           "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+           "--serve-artifacts", "--artifacts-destination", str(tmp / "server-artifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(uri, proc, timeout_s=120)
+        yield uri, proc
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+def _wait_healthy(uri: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"mlflow server not healthy after {timeout_s:.0f} s")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)  # the group this script created for the server
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _group_cpu_s(pgid: int) -> float:
+    """CPU seconds of the live processes in process group ``pgid``."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return total
+
+
+# --- timing -----------------------------------------------------------------------------------
+class CallTimer:
+    """Wraps MlflowClient methods and ``latent_figure``; accumulates seconds per call name."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, list[float]] = defaultdict(list)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        from mlflow.tracking import MlflowClient
+
+        import workers._trainable as trainable
+
+        saved = [(MlflowClient, name, getattr(MlflowClient, name)) for name in _CLIENT_CALLS]
+        saved.append((trainable, "latent_figure", trainable.latent_figure))
+        for owner, name, original in saved:
+            label = "latent_figure (matplotlib draw)" if name == "latent_figure" else name
+            setattr(owner, name, self._timed(original, label))
+        try:
+            yield
+        finally:
+            for owner, name, original in saved:
+                setattr(owner, name, original)
+
+    def _timed(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.current[label].append(time.perf_counter() - t0)
+
+        return timed
+
+    def take(self) -> dict[str, list[float]]:
+        out, self.current = dict(self.current), defaultdict(list)
+        return out
+
+
+def batched_logger_class(flush_every: int) -> type:
+    """What-if (bench only, not klstudy's code): TrialRunLogger that buffers metrics for
+    ``flush_every`` evaluations per ``log_batch`` and draws only the final latent figure."""
+    from mlflow.entities import Metric
+
+    import workers._trainable as trainable
+    from workers._records import mlflow_metrics
+    from workers._trainable import TrialRunLogger
+
+    class BatchedRunLogger(TrialRunLogger):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self._buffer: list[Metric] = []
+            self._n_buffered = 0
+
+        def log_evaluation(self, ev: Any) -> None:
+            now = int(time.time() * 1000)
+            self._buffer += [Metric(k, v, now, ev.step) for k, v in mlflow_metrics(ev).items()]
+            self._n_buffered += 1
+            if self._n_buffered >= flush_every or ev.final:
+                self.flush()
+            if ev.latents and ev.final:
+                figure = trainable.latent_figure(ev)  # looked up now: the bench times it
+                self.client.log_figure(self.run_id, figure, f"latents/step_{ev.step:07d}.png")
+
+        def flush(self) -> None:
+            if self._buffer:
+                self.client.log_batch(self.run_id, metrics=self._buffer)
+            self._buffer, self._n_buffered = [], 0
+
+        def finish(self, status: str, error: str | None = None) -> None:
+            self.flush()
+            super().finish(status, error)
+
+    return BatchedRunLogger
+
+
+def make_study(uri: str, name: str, artifacts: Path | None) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    location = artifacts.as_uri() if artifacts is not None else None
+    experiment_id = client.create_experiment(name, artifact_location=location)
+    parent = client.create_run(experiment_id, run_name=name, tags={"klstudy.role": "study"})
+    return {"name": name, "tracking_uri": uri, "experiment_id": experiment_id,
+            "parent_run_id": parent.info.run_id}
+
+
+def one_trial(config: Any, study: dict[str, str] | None, logger_class: Any = None) -> tuple[float, float]:
+    """(wall s, CPU s of this process) of one trial, tracked to ``study`` or not at all."""
+    from workers import train_trial
+    from workers._trainable import TrialRunLogger
+
+    logger_class = logger_class or TrialRunLogger
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    logger = logger_class(study, config) if study else None
+    train_trial(config, report=logger.log_evaluation if logger else None)
+    if logger:
+        logger.finish("completed")
+    return time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def cold_start(study: dict[str, str]) -> tuple[float, float]:
+    """(import s, first logger s) in a fresh interpreter: what a new Ray worker pays once."""
+    out = subprocess.run(
+        [sys.executable, "-c", _COLD_START, study["name"], study["tracking_uri"],
+         study["experiment_id"], study["parent_run_id"]],
+        capture_output=True, text=True, check=True,
+    )
+    imports, first = out.stdout.split()[-2:]
+    return float(imports), float(first)
+
+
+# --- report -------------------------------------------------------------------------------------
+def _pct(x: float, base: float) -> str:
+    return f"{100 * (x - base) / base:+.2f}%"
+
+
+def build_report(args: argparse.Namespace, data: dict[str, Any]) -> str:
+    walls, cpus, calls = data["walls"], data["cpus"], data["calls"]
+    base_wall, base_cpu = statistics.median(walls["none"]), statistics.median(cpus["none"])
+    rows = []
+    for variant in data["variants"]:
+        w, c = statistics.median(walls[variant]), statistics.median(cpus[variant])
+        call_s = [sum(sum(v) for v in rep.values()) for rep in calls[variant]]
+        extra_cpu = statistics.median(data["server_cpu"]) if variant == "server" else 0.0
+        rows.append([
+            variant, len(walls[variant]), f"{w:.2f}",
+            "—" if variant == "none" else f"**{_pct(w, base_wall)}**",
+            f"{min(walls[variant]):.2f}–{max(walls[variant]):.2f}",
+            "—" if variant == "none" else f"{statistics.median(call_s):.2f} "
+            f"({100 * statistics.median(call_s) / base_wall:.2f}%)",
+            f"{c:.2f}" + (f" + {extra_cpu:.2f} server" if extra_cpu else ""),
+            "—" if variant == "none" else _pct(c + extra_cpu, base_cpu),
+        ])
+    headers = ["tracking", "n", "median wall s", "overhead (wall)", "range s",
+               "Σ MLflow call s (% of none)", "median CPU s", "overhead (CPU)"]
+    lines = [
+        "# MLflow logging overhead per trial",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {environment_line()}; 2 cores, no GPU, shared with other jobs.  ",
+        f"Trial: toy model, {args.total_steps} steps, eval every {args.eval_every} "
+        f"({args.total_steps // args.eval_every} evaluations), iw_samples {args.iw_samples}, "
+        f"1 torch thread, seed 0; {args.repeats} interleaved repeats per variant after one "
+        "untimed warm-up each.  ",
+        f"Machine load: other processes used {data['foreign_pct']:.0f}% of the 2 cores during "
+        "the timed repeats (from /proc/stat, minus this bench's processes).  ",
+        f"Bench wall time: {data['bench_wall']:.0f} s.",
+        "",
+        markdown_table(headers, rows),
+        "",
+        "Overhead = (with − without) ÷ without, on medians. Goal ≤ 2% per trial. "
+        "'Σ MLflow call s' is the time spent inside the MLflow client calls and the latent "
+        "figure drawing of each trial (timed around each call), which does not depend on the "
+        "trial's own run-to-run noise. `sqlite-batched` is a what-if, not klstudy's code: "
+        f"metrics buffered and sent every {args.batch_evals} evaluations (and at the end), "
+        "only the final latent figure.",
+        "",
+    ]
+    lines += _calls_table(data)
+    lines += ["", "Cold start in a fresh interpreter (a new Ray worker pays this once, not per "
+              "trial with `reuse_actors=True`): " + "; ".join(
+                  f"{v}: import mlflow + workers {imp:.2f} s, first TrialRunLogger "
+                  f"(search_runs + create_run + params + config.json) {first:.2f} s"
+                  for v, (imp, first) in data["cold"].items())]
+    return "\n".join(lines)
+
+
+def _calls_table(data: dict[str, Any]) -> list[str]:
+    names = sorted({n for v in data["calls"].values() for rep in v for n in rep})
+    rows = []
+    for name in names:
+        row = [name]
+        for variant in data["variants"][1:]:
+            reps = data["calls"][variant]
+            n = statistics.median(len(rep.get(name, [])) for rep in reps)
+            total = statistics.median(sum(rep.get(name, [])) for rep in reps)
+            row.append(f"{1000 * total:.0f} ({n:.0f} × {1000 * total / n:.1f})" if n else "—")
+        rows.append(row)
+    headers = ["MLflow call", *(f"{v}: ms (calls × ms)" for v in data["variants"][1:])]
+    return ["Where the time goes, per trial (median over repeats):", "",
+            markdown_table(headers, rows)]
+
+
+# --- main ---------------------------------------------------------------------------------------
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--total-steps", type=int, default=3000)
+    p.add_argument("--eval-every", type=int, default=100, help="evaluation interval, steps")
+    p.add_argument("--iw-samples", type=int, default=100, help="final IW-NLL samples")
+    p.add_argument("--repeats", type=int, default=5, help="timed trials per variant")
+    p.add_argument("--warmup-steps", type=int, default=200, help="steps of the untimed warm-up")
+    p.add_argument("--variants", nargs="+", choices=["none", "sqlite", "server", "sqlite-batched"],
+                   default=["none", "sqlite", "server", "sqlite-batched"],
+                   help="sqlite-batched: a what-if logger (metrics flushed every --batch-evals "
+                   "evaluations, only the final latent figure); not klstudy's code")
+    p.add_argument("--batch-evals", type=int, default=10, help="for sqlite-batched")
+    p.add_argument("--quiet-wait-s", type=float, default=0.0,
+                   help="first wait up to this long for the machine to be < 25%% busy")
+    p.add_argument("--out", help="also write the markdown report to this file")
+    return p.parse_args(argv)
+
+
+def _machine_busy_s() -> float:
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / _CLK_TCK
+
+
+def _quiet_wait(max_wait_s: float, threshold: float = 0.25) -> None:
+    """Wait (at most ``max_wait_s``) until the 2 cores are < ``threshold`` busy over 5 s."""
+    deadline = time.monotonic() + max_wait_s
+    while max_wait_s > 0:
+        busy0 = _machine_busy_s()
+        time.sleep(5)
+        fraction = (_machine_busy_s() - busy0) / (2 * 5)
+        if fraction < threshold or time.monotonic() >= deadline:
+            print(f"machine {100 * fraction:.0f}% busy at the start")
+            return
+
+
+def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Popen] | None) -> dict:
+    import dataclasses
+
+    from workers import TrialConfig
+
+    variants = ["none"] + [v for v in args.variants if v != "none"]
+    config = TrialConfig(total_steps=args.total_steps, eval_every_steps=args.eval_every,
+                         iw_samples=args.iw_samples, n_cycles=4, ratio=0.5, seed=0,
+                         num_threads=1, trial_id="bench-mlflow")
+    studies: dict[str, dict[str, str] | None] = {"none": None}
+    if "sqlite" in variants or "sqlite-batched" in variants:
+        studies["sqlite"] = make_study(f"sqlite:///{tmp / 'mlflow.db'}", "bench-sqlite",
+                                       tmp / "artifacts")
+        studies["sqlite-batched"] = studies["sqlite"]
+    loggers = {"sqlite-batched": batched_logger_class(args.batch_evals)}
+    if server is not None:
+        studies["server"] = make_study(server[0], "bench-server", None)
+    warm = dataclasses.replace(config, total_steps=args.warmup_steps,
+                               eval_every_steps=min(args.eval_every, args.warmup_steps))
+    for variant in variants:
+        one_trial(dataclasses.replace(warm, trial_id=f"warmup-{variant}"), studies[variant],
+                  loggers.get(variant))
+    timer = CallTimer()
+    data: dict[str, Any] = {"variants": variants, "walls": defaultdict(list),
+                            "cpus": defaultdict(list), "calls": defaultdict(list),
+                            "server_cpu": []}
+    busy0, mine0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    server_cpu0 = _group_cpu_s(server[1].pid) if server else 0.0
+    with timer.installed():
+        for rep in range(args.repeats):
+            for variant in variants[rep % len(variants):] + variants[: rep % len(variants)]:
+                cfg = dataclasses.replace(config, trial_id=f"rep{rep}-{variant}")
+                s0 = _group_cpu_s(server[1].pid) if server else 0.0
+                wall, cpu = one_trial(cfg, studies[variant], loggers.get(variant))
+                if variant == "server" and server:
+                    data["server_cpu"].append(_group_cpu_s(server[1].pid) - s0)
+                data["walls"][variant].append(wall)
+                data["cpus"][variant].append(cpu)
+                calls = timer.take()
+                if variant != "none":
+                    data["calls"][variant].append(calls)
+                print(f"rep {rep} {variant}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+    elapsed = time.perf_counter() - t0
+    server_total = (_group_cpu_s(server[1].pid) - server_cpu0) if server else 0.0
+    foreign = _machine_busy_s() - busy0 - (time.process_time() - mine0) - server_total
+    data["foreign_pct"] = max(0.0, 100 * foreign / (2 * elapsed))
+    data["cold"] = {v: cold_start(studies[v]) for v in ("sqlite", "server") if studies.get(v)}
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    _quiet_wait(args.quiet_wait_s)
+    bench_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="klstudy-bench-mlflow-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "server" in args.variants:
+            with mlflow_server(tmp) as server:
+                data = _run(args, tmp, server)
+        else:
+            data = _run(args, tmp, None)
+    data["bench_wall"] = time.perf_counter() - bench_start
+    report = build_report(args, data)
+    print(report)
+    write_output(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
