@@ -25,6 +25,9 @@ _TERMINAL = ("completed", "pruned")
 # Metrics are sent in batches at most this often (and at the end, or when the trial is stopped):
 # one MLflow call costs ~30 ms, a toy evaluation interval well under a second.
 _FLUSH_EVERY_S = 10.0
+# Tune copies every reported checkpoint into the study directory; on short evaluation intervals
+# that copying costs more than the training. A killed study loses at most this much per trial.
+_CHECKPOINT_EVERY_S = 30.0
 
 
 class TrialRunLogger:
@@ -144,7 +147,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
 
         try:
             train_trial(config, report=report, checkpoint_dir=Path(work) / "current",
-                        resume_from=resume_from)
+                        resume_from=resume_from, checkpoint_every_s=_CHECKPOINT_EVERY_S)
         except Exception as exc:
             if run_log is not None:
                 run_log.flush()

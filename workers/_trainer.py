@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,13 +294,16 @@ def train_trial(
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
     corpus: Corpus | None = None,
+    checkpoint_every_s: float = 0.0,
 ) -> TrialResult:
     """Train one trial to ``total_steps``, evaluating every ``eval_every_steps``.
 
     Args:
         config: the trial config; it is resolved here (model defaults, device).
         report: called with each :class:`Evaluation`; returning True stops the trial.
-        checkpoint_dir: where a checkpoint is written before each report (overwritten).
+        checkpoint_dir: where a checkpoint is written before a report (overwritten).
+        checkpoint_every_s: write it only when this many seconds passed since the last one
+            (and always at the final step); 0 checkpoints at every evaluation.
         resume_from: a checkpoint file or directory to continue from.
         corpus: an already loaded corpus for this config's data (saves reloading it).
 
@@ -315,12 +319,15 @@ def train_trial(
         log.info("trial %s resumed at step %d", config.trial_id, trainer.step)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     result = TrialResult(config=config, status="completed", step=trainer.step)
+    last_save = time.monotonic()
     for t in range(trainer.step + 1, config.total_steps + 1):
         trainer.train_step(t)
         final = t == config.total_steps
         if t % config.eval_every_steps and not final:
             continue
-        saved = trainer.save(ckpt_dir) if ckpt_dir is not None else None
+        saved = None
+        if ckpt_dir is not None and (final or time.monotonic() - last_save >= checkpoint_every_s):
+            saved, last_save = trainer.save(ckpt_dir), time.monotonic()
         evaluation = trainer.evaluation(final=final, checkpoint=saved)
         result.evaluations.append(evaluation)
         log.info("trial %s step %d valid elbo %.4f", config.trial_id, t, evaluation.valid["elbo"])

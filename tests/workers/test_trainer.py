@@ -246,3 +246,11 @@ def test_fast_gradient_clipping_matches_torch_bit_for_bit(max_norm):
     _clip_grad_norm(ours, max_norm)
     torch.nn.utils.clip_grad_norm_(theirs, max_norm)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+
+
+def test_checkpoint_interval_in_seconds_still_checkpoints_the_final_step(tmp_path):
+    config = TrialConfig(total_steps=30, eval_every_steps=10, iw_samples=0, num_threads=1)
+    seen = []
+    train_trial(config, report=lambda ev: seen.append(ev.checkpoint), checkpoint_dir=tmp_path,
+                checkpoint_every_s=3600.0)
+    assert seen[:-1] == [None, None] and seen[-1] == tmp_path
