@@ -47,12 +47,13 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- the spec and the pool baseline -----------------------------------------------------------
-def make_spec(args: argparse.Namespace) -> dict[str, Any]:
+def make_spec(args: argparse.Namespace, eval_every: int | None = None) -> dict[str, Any]:
+    eval_every = eval_every or args.eval_every
     return {
         "name": "bench-orchestration",
         "model": {"kind": "toy"},
         "data": {"kind": "toy"},
-        "train": {"total_steps": args.total_steps, "eval_every_steps": args.eval_every,
+        "train": {"total_steps": args.total_steps, "eval_every_steps": eval_every,
                   "iw_samples": args.iw_samples},
         "schedule": {"n_cycles": args.n_cycles, "ratio": args.ratios, "ramp": ["linear"],
                      "beta_max": [1.0]},
@@ -309,19 +310,20 @@ def _foreign_pct(busy: float, mine: float, wall: float) -> float:
 
 
 def decompose_worker(config: Any, repeats: int) -> dict[str, float]:
-    """Median wall s of one trial, sequentially: plain, + checkpoint per evaluation, + MLflow."""
+    """Median wall s of one trial, sequentially: plain, + checkpoints, + MLflow (as in run_trial)."""
     from workers import train_trial
-    from workers._trainable import TrialRunLogger
+    from workers._trainable import _CHECKPOINT_EVERY_S, TrialRunLogger
 
     def plain(tmp: Path) -> None:
         train_trial(config)
 
     def checkpoints(tmp: Path) -> None:
-        train_trial(config, checkpoint_dir=tmp / "ckpt")
+        train_trial(config, checkpoint_dir=tmp / "ckpt", checkpoint_every_s=_CHECKPOINT_EVERY_S)
 
     def tracked(tmp: Path) -> None:
         logger = TrialRunLogger(study, config)
-        train_trial(config, report=logger.log_evaluation, checkpoint_dir=tmp / "ckpt")
+        train_trial(config, report=logger.log_evaluation, checkpoint_dir=tmp / "ckpt",
+                    checkpoint_every_s=_CHECKPOINT_EVERY_S)
         logger.finish("completed")
 
     with tempfile.TemporaryDirectory(prefix="klstudy-bench-decompose-") as name:
@@ -384,12 +386,13 @@ def _round_rows(rounds: list[dict[str, Any]], procs: int) -> list[list[str]]:
         sum_c = sum(w for w, _ in res["pool_c"].values())
         sum_tune = sum(t for t, _ in res["tune_c"].values())
         w_pool, w_k = res["w_pool"], res["w_klstudy"]
+        every = res["eval_every"]
         rows += [
-            [i, "pool (multiprocessing, spawn)", f"{w_pool:.1f}", f"{sum_c:.1f}",
+            [i, every, "pool (multiprocessing, spawn)", f"{w_pool:.1f}", f"{sum_c:.1f}",
              f"{w_pool / (sum_c / procs):.3f}", f"{res['foreign_pool']:.0f}%"],
-            [i, "klstudy run_study", f"{w_k:.1f}", f"{sum_c:.1f}",
+            [i, every, "klstudy run_study", f"{w_k:.1f}", f"{sum_c:.1f}",
              f"**{w_k / (sum_c / procs):.3f}**", f"{res['foreign_klstudy']:.0f}%"],
-            [i, "klstudy, C_i = its Tune time_total_s", f"{w_k:.1f}", f"{sum_tune:.1f}",
+            [i, every, "klstudy, C_i = its Tune time_total_s", f"{w_k:.1f}", f"{sum_tune:.1f}",
              f"{w_k / (sum_tune / procs):.3f}", f"{res['foreign_klstudy']:.0f}%"],
         ]
     return rows
@@ -410,16 +413,20 @@ def _decompose_lines(res: dict[str, Any], decompose: tuple[str, dict[str, float]
         "",
         markdown_table(["what the worker does", "wall s", "vs plain"], rows),
         "",
-        f"So per trial: checkpoint every evaluation {ckpt:+.2f} s, MLflow logging {mlflow:+.2f} s. "
+        f"So per trial: checkpoints (as `run_trial` takes them) {ckpt:+.2f} s, MLflow logging "
+        f"{mlflow:+.2f} s. "
         f"In the study, Tune's time_total_s exceeds the pool's C_i by {tune_extra:.2f} s per trial "
         f"(median); the rest, {tune_extra - ckpt - mlflow:.2f} s, is Tune's side of each report "
         "(checkpoint persisted into the storage directory, result sent and the driver's reply "
-        f"awaited) and contention with the driver and Ray daemons; × {n} trials.",
+        "awaited), contention with the driver and Ray daemons, and on the first trial of each "
+        f"actor its cold start (importing MLflow, first connection); × {n} trials.",
         "",
     ]
 
 
-def build_report(args: argparse.Namespace, rounds: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+def build_report(args: argparse.Namespace, all_rounds: list[dict[str, Any]],
+                 extra: dict[str, Any]) -> str:
+    rounds = [r for r in all_rounds if r["eval_every"] == args.eval_every]
     res = rounds[-1]
     n = len(res["pool_c"])
     ratios = [r["w_klstudy"] / (sum(w for w, _ in r["pool_c"].values()) / args.procs) for r in rounds]
@@ -441,12 +448,13 @@ def build_report(args: argparse.Namespace, rounds: list[dict[str, Any]], extra: 
         f"CPU per trial median {statistics.median(c for _, c in res['pool_c'].values()):.1f} s.  ",
         f"Bench wall time: {extra['bench_wall']:.0f} s.",
         "",
-        markdown_table(["round", "run", "W (s)", "Σ C_i (s)", "W ÷ (Σ C_i ÷ 2)",
-                        "other jobs' load"], _round_rows(rounds, args.procs)),
+        markdown_table(["round", "eval every", "run", "W (s)", "Σ C_i (s)", "W ÷ (Σ C_i ÷ 2)",
+                        "other jobs' load"], _round_rows(all_rounds, args.procs)),
         "",
         f"klstudy / pool wall ratio: **{', '.join(f'{r:.3f}' for r in wall_ratios)}**. "
         f"Goal W ÷ (Σ C_i ÷ 2) ≤ 1.10 for klstudy: **{goal}** "
-        f"(median over rounds {statistics.median(ratios):.3f}). C_i is the pool's in-worker "
+        f"(median over the rounds with eval every {args.eval_every}: "
+        f"{statistics.median(ratios):.3f}). C_i is the pool's in-worker "
         "`train_trial` time of the same round; 'other jobs' load' is the share of the 2 cores "
         "used by processes outside this bench during that phase (/proc/stat minus this process "
         "and its descendants). When the two phases of a round saw different load, their W are "
@@ -469,6 +477,16 @@ def _breakdown(args: argparse.Namespace, res: dict[str, Any], extra: dict[str, A
                              phase_rows), ""]
     lines += [markdown_table(["timeline (driver clock)", "s"],
                              [[k, f"{v:.1f}"] for k, v in tl.items()]), ""]
+    n_reports = sum(r for _, r in res["tune_c"].values())
+    inside = tl["Σ trial spans, start → complete"] - sum_c
+    lines += [
+        f"Inside the trial spans: Σ spans − Σ C_i = {inside:.1f} slot-s over {n_reports} reports "
+        f"= {1000 * inside / max(n_reports, 1):.0f} ms per report. A function trainable's "
+        "`tune.report` blocks the training thread until the driver has processed the result "
+        "(scheduler, callbacks) and asked for the next one, so every evaluation pays a driver "
+        "round trip on top of the worker-side logging and checkpointing below.",
+        "",
+    ]
     imports, store, runs = extra["mlflow_open"]
     lines += [
         f"Fixed cost (before the first trial starts + after the last ends): **{fixed:.1f} s** = "
@@ -512,6 +530,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait-s", type=float, default=0.0,
                    help="before each phase, wait up to this long for the machine to be < 25%% busy")
     p.add_argument("--rounds", type=int, default=1, help="pool + klstudy pairs to run")
+    p.add_argument("--extra-eval-every", type=int, nargs="*", default=[],
+                   help="after the rounds, one more pair per value with this evaluation interval")
     p.add_argument("--decompose-repeats", type=int, default=3,
                    help="worker-side decomposition of one trial, repeats per variant (0: skip)")
     p.add_argument("--study-dir", help="keep the klstudy studies under here (default: a temp dir)")
@@ -560,6 +580,22 @@ def _run_klstudy_phase(spec_dict: dict[str, Any], study_dir: Path, args: argpars
     res["counts"] = summary.counts
 
 
+def _round(args: argparse.Namespace, eval_every: int, study_dir: Path) -> dict[str, Any]:
+    """One pool phase and one klstudy phase on the same grid."""
+    from study._spec import parse_spec
+
+    spec_dict = make_spec(args, eval_every)
+    configs = parse_spec(spec_dict).grid_configs()
+    res: dict[str, Any] = {"eval_every": eval_every}
+    phases = [lambda: _run_pool_phase(configs, args, res),
+              lambda: _run_klstudy_phase(spec_dict, study_dir, args, res)]
+    for phase in phases if args.order == "pool-first" else phases[::-1]:
+        phase()
+    if res["counts"].get("completed") != len(configs):
+        print(f"warning: klstudy counts {res['counts']} (expected {len(configs)} completed)")
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     from study._spec import parse_spec
@@ -567,23 +603,15 @@ def main(argv: list[str] | None = None) -> None:
     bench_start = time.perf_counter()
     if Path("/tmp/ray/ray_current_cluster").exists():
         print("warning: /tmp/ray/ray_current_cluster exists: ray.init() may join that cluster")
-    spec_dict = make_spec(args)
-    configs = parse_spec(spec_dict).grid_configs()
+    configs = parse_spec(make_spec(args)).grid_configs()
+    intervals = [args.eval_every] * args.rounds + list(args.extra_eval_every)
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="klstudy-bench-orch-") as tmp:
-        for i in range(args.rounds):
-            res: dict[str, Any] = {}
-            study_dir = Path(args.study_dir or tmp) / f"study-{i}"
-            phases = [lambda: _run_pool_phase(configs, args, res),
-                      lambda: _run_klstudy_phase(spec_dict, study_dir, args, res)]
-            for phase in phases if args.order == "pool-first" else phases[::-1]:
-                phase()
-            if res["counts"].get("completed") != len(configs):
-                print(f"warning: klstudy counts {res['counts']} (expected {len(configs)} completed)")
-            rounds.append(res)
+        for i, every in enumerate(intervals):
+            rounds.append(_round(args, every, Path(args.study_dir or tmp) / f"study-{i}"))
     extra: dict[str, Any] = {"mlflow_open": mlflow_open_breakdown()}
     if args.decompose_repeats:
-        pool_c = rounds[-1]["pool_c"]
+        pool_c = rounds[args.rounds - 1]["pool_c"]
         median_id = sorted(pool_c, key=lambda t: pool_c[t][0])[len(pool_c) // 2]
         config = next(c for c in configs if c.trial_id == median_id)
         extra["decompose"] = (median_id, decompose_worker(config, args.decompose_repeats))

@@ -15,10 +15,13 @@ Method (three stages, all in one run):
    storage in memory unless ``--storage sqlite``), fed with small fake Tune trials; a STOP is
    followed by ``on_trial_complete`` with the last result, as Tune does. Ray's
    ``AsyncHyperBandScheduler`` (ASHA) is replayed the same way on the raw validation ELBO.
-3. **Confirm.** The best phase-aware klstudy policy (fewest steps with no top-3 loss) runs for
-   real with ``study.run_study`` (Ray Tune + Optuna + MLflow) on the same grid; its actual
-   fraction and top-3 outcome are reported next to the replayed ones, and its curves are
-   checked against stage 1's.
+3. **Confirm.** The best phase-aware klstudy policy that prunes at all (fewest top-3 losses,
+   then fewest steps), and any other pruner named with ``--confirm``, runs for real with
+   ``study.run_study`` (Ray Tune + Optuna + MLflow, phase-aware) on the same grid; its actual
+   fraction, pruned trials and top-3 outcome are reported next to the replayed ones, and its
+   recorded curves are checked against stage 1's.
+4. **Seed noise.** The top trials are re-run with other seeds (``--noise-seeds``), to show how
+   far apart two seeds of one configuration end, next to the gaps between the top-3.
 
 Measures: fraction of trial-steps spent (Σ steps run ÷ Σ full steps), trials pruned, whether
 the top-3 configurations by final validation ELBO of the full grid all completed (a
