@@ -63,10 +63,7 @@ class StudyRecorder(Callback):
         self.mirror = mirror
         self.tracking_uri = tracking_uri
         self.n_trials = n_trials if n_trials is not None else len(configs)
-        self.trials: dict[str, dict[str, Any]] = {
-            c.trial_id: {"study": study_name, "trial_id": c.trial_id, **config_columns(c),
-                         "status": "pending"} for c in configs
-        }
+        self.trials: dict[str, dict[str, Any]] = {c.trial_id: self._new_row(c) for c in configs}
         self._rows: list[dict[str, Any]] = []
         self._latents: list[dict[str, Any]] = []
         self._final_elbo: dict[str, float] = {}
@@ -134,12 +131,14 @@ class StudyRecorder(Callback):
         progress_log.info(self.progress_line())
 
     # --- bookkeeping ----------------------------------------------------------------------
+    def _new_row(self, config: TrialConfig) -> dict[str, Any]:
+        return {"study": self.study_name, "trial_id": config.trial_id, **config_columns(config),
+                "status": "pending"}
+
     def _trial_row(self, config: TrialConfig) -> dict[str, Any]:
-        return self.trials.setdefault(
-            config.trial_id,
-            {"study": self.study_name, "trial_id": config.trial_id, **config_columns(config),
-             "status": "pending"},
-        )
+        if config.trial_id not in self.trials:
+            self.trials[config.trial_id] = self._new_row(config)
+        return self.trials[config.trial_id]
 
     def flush(self) -> None:
         if self._writers is None:
