@@ -4,11 +4,12 @@ The same toy trial (default 3000 steps, an evaluation every 100) runs through
 ``workers.train_trial`` three ways:
 
 - **none**: no tracking (the report callback does nothing);
-- **sqlite**: klstudy's own ``workers._trainable.TrialRunLogger`` — what the Ray trainable does
-  per trial: ``search_runs`` for a run to re-attach to, ``create_run`` with tags, the config as
-  params (``log_batch``) and ``config.json`` (``log_dict``), one ``log_batch`` of metrics per
-  evaluation, a latent scatter (``log_figure``) at 4 evaluations + the last, and the final
-  ``set_tag``/``set_terminated`` — against an sqlite store (the embedded default);
+- **sqlite**: klstudy's own ``workers._trainable.TrialRunLogger``, used exactly as the Ray
+  trainable uses it: ``search_runs`` for a run to re-attach to, ``create_run`` with tags, the
+  config as params (``log_batch``) and ``config.json`` (``log_dict``), ``log_evaluation`` after
+  every evaluation (metrics go out with ``log_batch``; the latent scatter with ``log_figure``)
+  and ``finish`` (``set_tag``/``set_terminated``) — against an sqlite store (the embedded
+  default); the call table of the report shows how often each call happened;
 - **server**: the same against a real ``mlflow server`` on 127.0.0.1 (sqlite backend,
   ``--workers 1``, ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, artifacts served by it),
   started here and stopped by PID at the end.
@@ -17,10 +18,10 @@ The experiment and the study's parent run are created before timing (the driver 
 once per study). Each timed trial is the wall time from creating the logger to ``finish``.
 Variants are interleaved (rotating the order each repeat) after one untimed warm-up each, so
 imports and first connections are not counted — with ``reuse_actors`` a Ray worker pays them
-once; ``cold start`` below measures them in a fresh process. Every MLflow client call is timed
-(the client methods are wrapped), so the overhead is also given as Σ call time, which does not
-depend on the noise of the trial itself; CPU time (this process, plus the server's processes)
-is given too, as the machine is shared.
+once; ``cold start`` below measures them in a fresh process. Every MLflow client call and the
+latent-figure drawing are timed (the methods are wrapped): logging is synchronous in the
+trial's thread, so Σ call time is the overhead, and unlike the difference of wall-time medians
+it does not drown in the trial's own run-to-run noise (±10% on this VM even when idle).
 
 Run from the repository root: ``python bench/mlflow_overhead.py --out bench/results/mlflow_overhead.md``.
 """
@@ -46,6 +47,8 @@ from typing import Any
 
 from _common import command_line, environment_line, markdown_table, write_output
 
+# MLflow 3 otherwise sends usage telemetry to an outside host from a background thread.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CLIENT_CALLS = ("search_runs", "create_run", "update_run", "log_batch", "log_dict", "log_figure",
                  "set_tag", "set_terminated")
@@ -177,43 +180,6 @@ class CallTimer:
         return out
 
 
-def batched_logger_class(flush_every: int) -> type:
-    """What-if (bench only, not klstudy's code): TrialRunLogger that buffers metrics for
-    ``flush_every`` evaluations per ``log_batch`` and draws only the final latent figure."""
-    from mlflow.entities import Metric
-
-    import workers._trainable as trainable
-    from workers._records import mlflow_metrics
-    from workers._trainable import TrialRunLogger
-
-    class BatchedRunLogger(TrialRunLogger):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            self._buffer: list[Metric] = []
-            self._n_buffered = 0
-
-        def log_evaluation(self, ev: Any) -> None:
-            now = int(time.time() * 1000)
-            self._buffer += [Metric(k, v, now, ev.step) for k, v in mlflow_metrics(ev).items()]
-            self._n_buffered += 1
-            if self._n_buffered >= flush_every or ev.final:
-                self.flush()
-            if ev.latents and ev.final:
-                figure = trainable.latent_figure(ev)  # looked up now: the bench times it
-                self.client.log_figure(self.run_id, figure, f"latents/step_{ev.step:07d}.png")
-
-        def flush(self) -> None:
-            if self._buffer:
-                self.client.log_batch(self.run_id, metrics=self._buffer)
-            self._buffer, self._n_buffered = [], 0
-
-        def finish(self, status: str, error: str | None = None) -> None:
-            self.flush()
-            super().finish(status, error)
-
-    return BatchedRunLogger
-
-
 def make_study(uri: str, name: str, artifacts: Path | None) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
@@ -225,14 +191,13 @@ def make_study(uri: str, name: str, artifacts: Path | None) -> dict[str, str]:
             "parent_run_id": parent.info.run_id}
 
 
-def one_trial(config: Any, study: dict[str, str] | None, logger_class: Any = None) -> tuple[float, float]:
+def one_trial(config: Any, study: dict[str, str] | None) -> tuple[float, float]:
     """(wall s, CPU s of this process) of one trial, tracked to ``study`` or not at all."""
     from workers import train_trial
     from workers._trainable import TrialRunLogger
 
-    logger_class = logger_class or TrialRunLogger
     t0, cpu0 = time.perf_counter(), time.process_time()
-    logger = logger_class(study, config) if study else None
+    logger = TrialRunLogger(study, config) if study else None
     train_trial(config, report=logger.log_evaluation if logger else None)
     if logger:
         logger.finish("completed")
@@ -252,28 +217,43 @@ def cold_start(study: dict[str, str]) -> tuple[float, float]:
 
 # --- report -------------------------------------------------------------------------------------
 def _pct(x: float, base: float) -> str:
-    return f"{100 * (x - base) / base:+.2f}%"
+    return f"{100 * (x - base) / base:+.1f}%"
+
+
+def _bootstrap_ci(with_: list[float], without: list[float], n: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of median(with) ÷ median(without) − 1, in %."""
+    import random
+
+    rng = random.Random(0)
+    ratios = sorted(
+        statistics.median(rng.choices(with_, k=len(with_)))
+        / statistics.median(rng.choices(without, k=len(without))) - 1
+        for _ in range(n)
+    )
+    return 100 * ratios[int(0.025 * n)], 100 * ratios[int(0.975 * n)]
+
+
+def _variant_row(variant: str, data: dict[str, Any], base_wall: float) -> list[str]:
+    walls = data["walls"][variant]
+    w = statistics.median(walls)
+    cells = [variant, str(len(walls)), f"{w:.2f}", f"{min(walls):.2f}–{max(walls):.2f}"]
+    if variant == "none":
+        return [*cells, "—", "—", "—"]
+    call_s = statistics.median(sum(sum(v) for v in rep.values()) for rep in data["calls"][variant])
+    lo, hi = _bootstrap_ci(walls, data["walls"]["none"])
+    server = f" (+ {statistics.median(data['server_cpu']):.2f} CPU-s in the server)" \
+        if variant == "server" else ""
+    return [*cells, f"{call_s:.3f}{server}", f"**{100 * call_s / base_wall:.2f}%**",
+            f"{_pct(w, base_wall)} [{lo:+.1f}%, {hi:+.1f}%]"]
 
 
 def build_report(args: argparse.Namespace, data: dict[str, Any]) -> str:
-    walls, cpus, calls = data["walls"], data["cpus"], data["calls"]
-    base_wall, base_cpu = statistics.median(walls["none"]), statistics.median(cpus["none"])
-    rows = []
-    for variant in data["variants"]:
-        w, c = statistics.median(walls[variant]), statistics.median(cpus[variant])
-        call_s = [sum(sum(v) for v in rep.values()) for rep in calls[variant]]
-        extra_cpu = statistics.median(data["server_cpu"]) if variant == "server" else 0.0
-        rows.append([
-            variant, len(walls[variant]), f"{w:.2f}",
-            "—" if variant == "none" else f"**{_pct(w, base_wall)}**",
-            f"{min(walls[variant]):.2f}–{max(walls[variant]):.2f}",
-            "—" if variant == "none" else f"{statistics.median(call_s):.2f} "
-            f"({100 * statistics.median(call_s) / base_wall:.2f}%)",
-            f"{c:.2f}" + (f" + {extra_cpu:.2f} server" if extra_cpu else ""),
-            "—" if variant == "none" else _pct(c + extra_cpu, base_cpu),
-        ])
-    headers = ["tracking", "n", "median wall s", "overhead (wall)", "range s",
-               "Σ MLflow call s (% of none)", "median CPU s", "overhead (CPU)"]
+    base = data["walls"]["none"]
+    base_wall = statistics.median(base)
+    rows = [_variant_row(v, data, base_wall) for v in data["variants"]]
+    headers = ["tracking", "n", "median wall s", "range s", "Σ MLflow call s per trial",
+               "overhead = Σ calls ÷ none", "wall-median difference [95% bootstrap CI]"]
+    spread = 100 * (max(base) - min(base)) / base_wall
     lines = [
         "# MLflow logging overhead per trial",
         "",
@@ -282,19 +262,20 @@ def build_report(args: argparse.Namespace, data: dict[str, Any]) -> str:
         f"Trial: toy model, {args.total_steps} steps, eval every {args.eval_every} "
         f"({args.total_steps // args.eval_every} evaluations), iw_samples {args.iw_samples}, "
         f"1 torch thread, seed 0; {args.repeats} interleaved repeats per variant after one "
-        "untimed warm-up each.  ",
+        "untimed warm-up each. MLflow telemetry off (`MLFLOW_DISABLE_TELEMETRY=true`: by default "
+        "MLflow 3 posts usage data to an outside host from a background thread).  ",
         f"Machine load: other processes used {data['foreign_pct']:.0f}% of the 2 cores during "
         "the timed repeats (from /proc/stat, minus this bench's processes).  ",
         f"Bench wall time: {data['bench_wall']:.0f} s.",
         "",
         markdown_table(headers, rows),
         "",
-        "Overhead = (with − without) ÷ without, on medians. Goal ≤ 2% per trial. "
-        "'Σ MLflow call s' is the time spent inside the MLflow client calls and the latent "
-        "figure drawing of each trial (timed around each call), which does not depend on the "
-        "trial's own run-to-run noise. `sqlite-batched` is a what-if, not klstudy's code: "
-        f"metrics buffered and sent every {args.batch_evals} evaluations (and at the end), "
-        "only the final latent figure.",
+        "Goal ≤ 2% per trial. The logging runs synchronously in the trial's thread, so its cost "
+        "is the time spent inside the MLflow client calls and the latent-figure drawing, timed "
+        "around each call ('Σ MLflow call s'); the overhead is that ÷ the median untracked "
+        "trial. The difference of the wall-time medians is given too, but the identical "
+        f"untracked trial itself varied by {spread:.0f}% (range ÷ median) between repeats on "
+        "this machine, so it cannot resolve a few percent (see its interval).",
         "",
     ]
     lines += _calls_table(data)
@@ -328,13 +309,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--total-steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=100, help="evaluation interval, steps")
     p.add_argument("--iw-samples", type=int, default=100, help="final IW-NLL samples")
-    p.add_argument("--repeats", type=int, default=5, help="timed trials per variant")
+    p.add_argument("--repeats", type=int, default=7, help="timed trials per variant")
     p.add_argument("--warmup-steps", type=int, default=200, help="steps of the untimed warm-up")
-    p.add_argument("--variants", nargs="+", choices=["none", "sqlite", "server", "sqlite-batched"],
-                   default=["none", "sqlite", "server", "sqlite-batched"],
-                   help="sqlite-batched: a what-if logger (metrics flushed every --batch-evals "
-                   "evaluations, only the final latent figure); not klstudy's code")
-    p.add_argument("--batch-evals", type=int, default=10, help="for sqlite-batched")
+    p.add_argument("--variants", nargs="+", choices=["none", "sqlite", "server"],
+                   default=["none", "sqlite", "server"])
     p.add_argument("--quiet-wait-s", type=float, default=0.0,
                    help="first wait up to this long for the machine to be < 25%% busy")
     p.add_argument("--out", help="also write the markdown report to this file")
@@ -368,21 +346,18 @@ def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Pope
                          iw_samples=args.iw_samples, n_cycles=4, ratio=0.5, seed=0,
                          num_threads=1, trial_id="bench-mlflow")
     studies: dict[str, dict[str, str] | None] = {"none": None}
-    if "sqlite" in variants or "sqlite-batched" in variants:
+    if "sqlite" in variants:
         studies["sqlite"] = make_study(f"sqlite:///{tmp / 'mlflow.db'}", "bench-sqlite",
                                        tmp / "artifacts")
-        studies["sqlite-batched"] = studies["sqlite"]
-    loggers = {"sqlite-batched": batched_logger_class(args.batch_evals)}
     if server is not None:
         studies["server"] = make_study(server[0], "bench-server", None)
     warm = dataclasses.replace(config, total_steps=args.warmup_steps,
                                eval_every_steps=min(args.eval_every, args.warmup_steps))
     for variant in variants:
-        one_trial(dataclasses.replace(warm, trial_id=f"warmup-{variant}"), studies[variant],
-                  loggers.get(variant))
+        one_trial(dataclasses.replace(warm, trial_id=f"warmup-{variant}"), studies[variant])
     timer = CallTimer()
     data: dict[str, Any] = {"variants": variants, "walls": defaultdict(list),
-                            "cpus": defaultdict(list), "calls": defaultdict(list),
+                            "calls": defaultdict(list),
                             "server_cpu": []}
     busy0, mine0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
     server_cpu0 = _group_cpu_s(server[1].pid) if server else 0.0
@@ -391,11 +366,10 @@ def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Pope
             for variant in variants[rep % len(variants):] + variants[: rep % len(variants)]:
                 cfg = dataclasses.replace(config, trial_id=f"rep{rep}-{variant}")
                 s0 = _group_cpu_s(server[1].pid) if server else 0.0
-                wall, cpu = one_trial(cfg, studies[variant], loggers.get(variant))
+                wall, cpu = one_trial(cfg, studies[variant])
                 if variant == "server" and server:
                     data["server_cpu"].append(_group_cpu_s(server[1].pid) - s0)
                 data["walls"][variant].append(wall)
-                data["cpus"][variant].append(cpu)
                 calls = timer.take()
                 if variant != "none":
                     data["calls"][variant].append(calls)
@@ -404,7 +378,7 @@ def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Pope
     server_total = (_group_cpu_s(server[1].pid) - server_cpu0) if server else 0.0
     foreign = _machine_busy_s() - busy0 - (time.process_time() - mine0) - server_total
     data["foreign_pct"] = max(0.0, 100 * foreign / (2 * elapsed))
-    data["cold"] = {v: cold_start(studies[v]) for v in ("sqlite", "server") if studies.get(v)}
+    data["cold"] = {v: cold_start(s) for v, s in studies.items() if s is not None}
     return data
 
 

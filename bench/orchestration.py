@@ -42,6 +42,7 @@ from _common import command_line, environment_line, markdown_table, write_output
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no traffic beyond 127.0.0.1
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -442,7 +443,8 @@ def build_report(args: argparse.Namespace, all_rounds: list[dict[str, Any]],
         f"Grid: {n} toy trials (n_cycles {args.n_cycles} × ratio {args.ratios} × seeds "
         f"{args.seeds}), {args.total_steps} steps, eval every {args.eval_every}, iw_samples "
         f"{args.iw_samples}, cpus_per_trial 1, pruner none; klstudy statuses {res['counts']}. "
-        f"{len(rounds)} round(s), order {args.order}.  ",
+        f"{len(rounds)} round(s), order {args.order}. MLflow telemetry off "
+        "(`MLFLOW_DISABLE_TELEMETRY=true`).  ",
         f"Per-trial compute C_i (last round, pool, 2 concurrent): median "
         f"{statistics.median(per_trial):.1f} s, min {min(per_trial):.1f}, max {max(per_trial):.1f}; "
         f"CPU per trial median {statistics.median(c for _, c in res['pool_c'].values()):.1f} s.  ",
@@ -481,7 +483,9 @@ def _breakdown(args: argparse.Namespace, res: dict[str, Any], extra: dict[str, A
     inside = tl["Σ trial spans, start → complete"] - sum_c
     lines += [
         f"Inside the trial spans: Σ spans − Σ C_i = {inside:.1f} slot-s over {n_reports} reports "
-        f"= {1000 * inside / max(n_reports, 1):.0f} ms per report. A function trainable's "
+        f"= {1000 * inside / max(n_reports, 1):.0f} ms per report, "
+        f"{inside / max(len(res['tune_c']), 1):.2f} s per trial (this includes each trial's own "
+        "start: actor reset, MLflow run creation). A function trainable's "
         "`tune.report` blocks the training thread until the driver has processed the result "
         "(scheduler, callbacks) and asked for the next one, so every evaluation pays a driver "
         "round trip on top of the worker-side logging and checkpointing below.",

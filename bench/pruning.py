@@ -53,6 +53,7 @@ from _common import command_line, environment_line, markdown_table, write_output
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no traffic beyond 127.0.0.1
 
 import optuna  # noqa: E402
 
