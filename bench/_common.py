@@ -13,6 +13,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,3 +88,27 @@ def write_output(path: str | None, text: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")  # /proc CPU times are in these ticks
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values) - idle) / CLK_TCK, sum(values) / CLK_TCK
+
+
+def quiet_wait(max_wait_s: float, threshold: float = 0.25) -> None:
+    """Wait (at most ``max_wait_s``) until the machine is < ``threshold`` busy over 5 s;
+    prints the busy share it measured last."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy0, total0 = machine_busy()
+        time.sleep(5)
+        busy1, total1 = machine_busy()
+        fraction = (busy1 - busy0) / max(total1 - total0, 1e-9)
+        if fraction < threshold or time.monotonic() >= deadline:
+            print(f"machine {100 * fraction:.0f}% busy before the phase")
+            return

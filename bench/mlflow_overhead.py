@@ -45,11 +45,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from _common import command_line, environment_line, markdown_table, write_output
+from _common import (CLK_TCK, command_line, environment_line, machine_busy, markdown_table,
+                     quiet_wait, write_output)
 
 # MLflow 3 otherwise sends usage telemetry to an outside host from a background thread.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CLIENT_CALLS = ("search_runs", "create_run", "update_run", "log_batch", "log_dict", "log_figure",
                  "set_tag", "set_terminated")
 _COLD_START = """
@@ -136,7 +136,7 @@ def _group_cpu_s(pgid: int) -> float:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
     return total
 
 
@@ -319,23 +319,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _machine_busy_s() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / _CLK_TCK
-
-
-def _quiet_wait(max_wait_s: float, threshold: float = 0.25) -> None:
-    """Wait (at most ``max_wait_s``) until the 2 cores are < ``threshold`` busy over 5 s."""
-    deadline = time.monotonic() + max_wait_s
-    while max_wait_s > 0:
-        busy0 = _machine_busy_s()
-        time.sleep(5)
-        fraction = (_machine_busy_s() - busy0) / (2 * 5)
-        if fraction < threshold or time.monotonic() >= deadline:
-            print(f"machine {100 * fraction:.0f}% busy at the start")
-            return
-
-
 def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Popen] | None) -> dict:
     import dataclasses
 
@@ -359,7 +342,7 @@ def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Pope
     data: dict[str, Any] = {"variants": variants, "walls": defaultdict(list),
                             "calls": defaultdict(list),
                             "server_cpu": []}
-    busy0, mine0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    busy0, mine0, t0 = machine_busy()[0], time.process_time(), time.perf_counter()
     server_cpu0 = _group_cpu_s(server[1].pid) if server else 0.0
     with timer.installed():
         for rep in range(args.repeats):
@@ -376,7 +359,7 @@ def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Pope
                 print(f"rep {rep} {variant}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
     elapsed = time.perf_counter() - t0
     server_total = (_group_cpu_s(server[1].pid) - server_cpu0) if server else 0.0
-    foreign = _machine_busy_s() - busy0 - (time.process_time() - mine0) - server_total
+    foreign = machine_busy()[0] - busy0 - (time.process_time() - mine0) - server_total
     data["foreign_pct"] = max(0.0, 100 * foreign / (2 * elapsed))
     data["cold"] = {v: cold_start(s) for v, s in studies.items() if s is not None}
     return data
@@ -384,7 +367,7 @@ def _run(args: argparse.Namespace, tmp: Path, server: tuple[str, subprocess.Pope
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    _quiet_wait(args.quiet_wait_s)
+    quiet_wait(args.quiet_wait_s)
     bench_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="klstudy-bench-mlflow-") as tmp_name:
         tmp = Path(tmp_name)

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import command_line, environment_line, markdown_table, write_output
+from _common import (CLK_TCK, command_line, environment_line, machine_busy, markdown_table,
+                     quiet_wait, write_output)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no traffic beyond 127.0.0.1
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- the spec and the pool baseline -----------------------------------------------------------
@@ -100,7 +100,7 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
         table[int(entry)] = (int(fields[1]), _kind(comm, [a for a in raw.split("\0") if a]), cpu)
     return table
 
@@ -156,13 +156,6 @@ class CpuSampler:
         for name, cpu in self.seen.values():
             out[name] += cpu
         return dict(out)
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = values[3] + values[4]
-    return (sum(values) - idle) / _CLK_TCK, sum(values) / _CLK_TCK
 
 
 # --- driver instrumentation (wrapping, no code change) ------------------------------------------
@@ -558,21 +551,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _quiet_wait(max_wait_s: float, threshold: float = 0.25) -> None:
-    """Wait (at most ``max_wait_s``) until the machine is < ``threshold`` busy over 5 s."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        busy0, total0 = machine_busy()
-        time.sleep(5)
-        busy1, total1 = machine_busy()
-        fraction = (busy1 - busy0) / max(total1 - total0, 1e-9)
-        if fraction < threshold or time.monotonic() >= deadline:
-            print(f"machine {100 * fraction:.0f}% busy before the phase")
-            return
-
-
 def _run_pool_phase(configs: list[Any], args: argparse.Namespace, res: dict[str, Any]) -> None:
-    _quiet_wait(args.quiet_wait_s)
+    quiet_wait(args.quiet_wait_s)
     busy0, cpu0 = machine_busy()[0], time.process_time()
     with CpuSampler() as sampler:
         res["w_pool"], res["pool_c"], res["pool_first_start"] = run_pool(configs, args.procs)
@@ -583,7 +563,7 @@ def _run_pool_phase(configs: list[Any], args: argparse.Namespace, res: dict[str,
 
 def _run_klstudy_phase(spec_dict: dict[str, Any], study_dir: Path, args: argparse.Namespace,
                        res: dict[str, Any]) -> None:
-    _quiet_wait(args.quiet_wait_s)
+    quiet_wait(args.quiet_wait_s)
     probe = Probe()
     busy0, cpu0 = machine_busy()[0], time.process_time()
     with CpuSampler() as sampler:

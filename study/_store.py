@@ -97,8 +97,9 @@ class PartWriter:
 
 def write_table(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
     """Rewrite a small Parquet table atomically (e.g. trials.parquet)."""
-    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
-    if not rows:
+    if rows:
+        table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+    else:
         table = pa.table({c: pa.array([], pa.string()) for c in columns})
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)

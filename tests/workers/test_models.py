@@ -18,14 +18,6 @@ from workers import (
 SENTENCES = [[4, 5, 6], [7], [8, 9, 10, 11, 12]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(*, latent_dim: int = 3, n_layers: int = 2, dropout: float = 0.0) -> SentenceVAE:
     torch.manual_seed(0)
     return SentenceVAE(
