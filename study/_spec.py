@@ -3,16 +3,13 @@
 Validation happens once, here: strict types (no ``"3"`` → 3, ``true`` is not an integer), ranges,
 unknown keys rejected. The first problem becomes one :class:`SpecError` whose text names the key
 and the value, e.g. ``schedule.ratio[1]: must be in [0, 1], got 1.5``. Downstream code trusts the
-result. ``workers`` (and so torch) is imported only when trial configs are built.
-
-Two YAML details differ from plain PyYAML: ``1e-3`` reads as a float (YAML 1.2; PyYAML's YAML 1.1
-makes it a string) and a key repeated in one mapping is an error instead of the last one winning.
+result. ``workers`` (and so torch) is imported only when trial configs are built. Reading the
+YAML file itself is ``study._spec_yaml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import itertools
 import math
@@ -20,7 +17,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -33,26 +29,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from study._spec_errors import spec_error
+from study._spec_yaml import _NO_VALUE, SpecError, read_yaml
+
 if TYPE_CHECKING:
     from workers import TrialConfig
-
-_NO_VALUE: Any = object()
-
-
-class SpecError(ValueError):
-    """A spec problem: ``path`` (``schedule.ratio[1]``), ``message``, the offending ``value``.
-
-    ``str(exc)`` is ``"{path}: {message}, got {value!r}"``, or ``"{path}: {message}"`` when no
-    value is meaningful (a missing or unknown key); ``value`` is then None.
-    """
-
-    def __init__(self, path: str, message: str, value: Any = _NO_VALUE) -> None:
-        shown = "" if value is _NO_VALUE else f", got {value!r}"
-        super().__init__(f"{path}: {message}{shown}")
-        self.path = path
-        self.message = message
-        self.value = None if value is _NO_VALUE else value
-
 
 def _fail(message: str, value: Any = _NO_VALUE, *, at: str = "") -> PydanticCustomError:
     """A validation error carrying our own message; ``at`` extends the location (``[2]``)."""
@@ -397,96 +378,7 @@ class StudySpec(_Section):
         return self.model_dump(mode="json")
 
 
-# --- errors: pydantic's ValidationError → one SpecError ----------------------------------------
-_MESSAGES = {
-    "int_type": "must be an integer",
-    "int_from_float": "must be an integer",
-    "float_type": "must be a number",
-    "finite_number": "must be a finite number",
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-    "model_type": "must be a mapping",
-    "dict_type": "must be a mapping",
-    "tuple_type": "must be a list",
-    "too_short": "must not be empty",
-    "invalid_key": "keys must be strings",
-}
-_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-
-
-def _dotted(loc: tuple[int | str, ...], at: str = "") -> str:
-    """``("schedule", "ratio", 1)`` → ``schedule.ratio[1]``, then ``at`` (``[2]``, ``path``)."""
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
-    if at:
-        path += at if at.startswith("[") or not path else f".{at}"
-    return "spec" + path if not path or path.startswith("[") else path
-
-
-def _suggestion(loc: tuple[int | str, ...]) -> str:
-    """`` (did you mean 'total_steps'?)`` for an unknown key close to a known one."""
-    section: type[BaseModel] = StudySpec
-    for part in loc[:-1]:
-        annotation = section.model_fields[part].annotation if isinstance(part, str) else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        section = annotation
-    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _spec_error(exc: ValidationError) -> SpecError:
-    """The first error (an unknown key first: it often explains the others) as a SpecError."""
-    errors = exc.errors()
-    err = next((e for e in errors if e["type"] in ("extra_forbidden", "invalid_key")), errors[0])
-    kind, loc, ctx = err["type"], tuple(err["loc"]), err.get("ctx") or {}
-    if kind == "klstudy":
-        return SpecError(_dotted(loc, ctx["at"]), ctx["message"], ctx.get("value", _NO_VALUE))
-    if kind == "missing":
-        return SpecError(_dotted(loc), "required")
-    if kind == "extra_forbidden":
-        return SpecError(_dotted(loc), "unknown key" + _suggestion(loc))
-    value = list(err["input"]) if isinstance(err["input"], tuple) else err["input"]
-    return SpecError(_dotted(loc), _message(err), value)
-
-
-def _message(err: Any) -> str:
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind == "literal_error":
-        return "must be one of " + ", ".join(re.findall(r"'([^']*)'", ctx["expected"]))
-    bound = next((op for op in _BOUNDS if op in ctx), None)
-    if bound is not None:
-        return f"must be {_BOUNDS[bound]} {ctx[bound]:g}"
-    return _MESSAGES.get(kind, err["msg"][:1].lower() + err["msg"][1:])
-
-
-# --- loading -------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 exponent floats (``1e-3``) and errors on repeated keys."""
-
-
-def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return dict(loader.construct_pairs(node, deep=True))
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-
-
+# --- entry points ------------------------------------------------------------------------------
 def parse_spec(data: Any, *, base_dir: str | Path | None = None) -> StudySpec:
     """Validate already-parsed spec data.
 
@@ -503,7 +395,7 @@ def parse_spec(data: Any, *, base_dir: str | Path | None = None) -> StudySpec:
     try:
         return StudySpec.model_validate(data, context=context)
     except ValidationError as exc:
-        raise _spec_error(exc) from None
+        raise spec_error(exc, StudySpec) from None
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -514,19 +406,5 @@ def load_spec(path: str | Path) -> StudySpec:
             ``FILE:LINE:COLUMN``), or fails validation.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError("spec", "no such file", str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
-        raise SpecError("spec", f"cannot read ({reason})", str(path)) from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise SpecError(where, f"invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    if data is None:
-        raise SpecError("spec", "empty file", str(path))
+    data = read_yaml(path)
     return parse_spec(data, base_dir=path.resolve().parent)
