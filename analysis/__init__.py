@@ -16,14 +16,8 @@ from analysis._figures import (
     pick_curve_configs,
     pruning_figure,
 )
-from analysis._load import (
-    ReportError,
-    StudyData,
-    best_rows,
-    final_rows,
-    load_from_mlflow,
-    load_study,
-)
+from analysis._load import ReportError, StudyData, best_rows, final_rows, load_study
+from analysis._mlflow_load import load_from_mlflow
 from analysis._report import ReportResult, build_report
 from analysis._stats import config_table, mean_ci, paired_vs_monotonic, summary_lines
 from analysis._synthetic import write_synthetic_study

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import _figures as figs
-from analysis._load import StudyData, _open_client, best_rows, final_rows, load_study
+from analysis._load import StudyData, best_rows, final_rows, load_study
+from analysis._mlflow_load import open_client
 from analysis._stats import config_table, paired_vs_monotonic, summary_lines
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,7 @@ def _log_artifacts(meta: dict, tracking_uri: str | None, paths: Sequence[Path]) 
         log.warning("report not logged to MLflow: study.json has no parent_run_id/tracking_uri")
         return False
     try:
-        client = _open_client(uri)  # checks first: a missing store is not created, a dead server
+        client = open_client(uri)  # checks first: a missing store is not created, a dead server
         for path in paths:  # costs seconds rather than MLflow's retry backoff
             client.log_artifact(run_id, str(path), artifact_path="report")
     except Exception as err:  # tracking trouble never fails the report

@@ -41,8 +41,9 @@ from typing import Any
 import pandas as pd
 from _common import command_line, environment_line, markdown_table, write_output
 
-from analysis import _load
-from analysis._load import final_rows, load_from_mlflow, load_study
+from analysis import _load, _mlflow_load
+from analysis._load import final_rows, load_study
+from analysis._mlflow_load import load_from_mlflow
 from analysis._stats import config_table, paired_vs_monotonic, summary_lines
 from analysis._synthetic import write_synthetic_study
 
@@ -94,9 +95,11 @@ def naive_load(uri: str, n_sample: int, seed: int = 0) -> tuple[float, int, int]
         run_id = run.info.run_id
         for key in run.data.metrics:
             calls += 1
-            points += [_load._point(run_id, m) for m in client.get_metric_history(run_id, key)]
-    trials = _load._coerce(_load._trials_frame(chosen, study=NAME), _load.TRIAL_COLUMNS)
-    _load._tidy_metrics(pd.DataFrame(points, columns=_load._HISTORY_COLUMNS), trials)
+            history = client.get_metric_history(run_id, key)
+            points += [_mlflow_load._point(run_id, m) for m in history]
+    trials = _load.coerce(_mlflow_load._trials_frame(chosen, study=NAME), _load.TRIAL_COLUMNS)
+    _mlflow_load._tidy_metrics(pd.DataFrame(points, columns=_mlflow_load._HISTORY_COLUMNS),
+                               trials)
     per_run_s = (time.perf_counter() - start) / len(chosen)
     return search_s + per_run_s * len(runs), len(chosen), calls
 

@@ -1,4 +1,4 @@
-"""analysis._load: Parquet fast path, MLflow rebuild (same table), errors, per-trial rows."""
+"""analysis._load, _mlflow_load: Parquet, MLflow rebuild (same table), errors, per-trial rows."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 from _services import free_port
 
-from analysis import _load
+from analysis import _mlflow_load
 from analysis._load import (
     EVALUATION_COLUMNS,
     ReportError,
     StudyData,
     best_rows,
     final_rows,
-    load_from_mlflow,
     load_study,
 )
+from analysis._mlflow_load import load_from_mlflow
 from analysis._synthetic import write_synthetic_study
 from workers import TRIAL_COLUMNS, TrialConfig
 
@@ -66,7 +66,7 @@ def test_parquet_path_reads_one_row_per_trial_step_and_split(data):
     assert data.source == "parquet" and not data.partial
     assert list(data.evaluations.columns) == list(EVALUATION_COLUMNS)
     expected = sum(2 * last // 50 + (status == "completed") for last, status
-                   in zip(data.trials["last_step"], data.trials["status"]))
+                   in zip(data.trials["last_step"], data.trials["status"], strict=True))
     assert len(data.evaluations) == expected
     assert set(data.evaluations["split"]) == {"train", "valid", "test"}
 
@@ -75,7 +75,7 @@ def test_evaluation_dtypes(data):
     dtypes = data.evaluations.dtypes
     assert all(dtypes[c] == np.int64 for c in ("n_cycles", "seed", "step", "total_steps"))
     assert all(dtypes[c] == np.float64 for c in ("ratio", "beta_max", "elbo", "kl", "beta"))
-    assert dtypes["final"] == bool and dtypes["at_beta_max"] == bool
+    assert dtypes["final"] == np.bool_ and dtypes["at_beta_max"] == np.bool_
     assert all(pd.api.types.is_string_dtype(dtypes[c]) for c in ("ramp", "split", "status"))
 
 
@@ -230,14 +230,15 @@ def test_http_without_bulk_endpoint_falls_back_to_per_run_calls(mlflow_server, t
                                                                  monkeypatch):
     write_synthetic_study(tmp_path / "http-old", n_trials=3, n_evals=4, seed=2,
                           tracking_uri=mlflow_server.uri)
-    monkeypatch.setattr(_load, "_BULK_ENDPOINT", "/ajax-api/2.0/mlflow/metrics/no-such-endpoint")
+    monkeypatch.setattr(_mlflow_load, "_BULK_ENDPOINT",
+                        "/ajax-api/2.0/mlflow/metrics/no-such-endpoint")
     rebuilt = load_from_mlflow(mlflow_server.uri, "http-old")
     parquet = load_study(tmp_path / "http-old")
     pd.testing.assert_frame_equal(rebuilt.evaluations, parquet.evaluations)
 
 
 def test_analysis_never_imports_ray():
-    code = ("import sys, analysis._load, analysis._stats, analysis._synthetic; "
+    code = ("import sys, analysis; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
