@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ class StudySummary:
     name: str
     counts: dict[str, int]
     best_trial: str | None
-    best_elbo: float | None
+    best_value: float | None  # of the objective (``objective``: "valid/elbo (max)")
+    objective: str
     wall_s: float
     tracking_uri: str
     parent_run_id: str
@@ -98,9 +100,11 @@ def _close_parent_run(meta: dict[str, Any], summary: StudySummary, status: str) 
     run_id = meta["parent_run_id"]
     for name, value in summary.counts.items():
         client.log_metric(run_id, f"trials_{name}", value)
-    if summary.best_elbo is not None:
-        client.log_metric(run_id, "best_valid_elbo", summary.best_elbo)
+    if summary.best_value is not None:
+        metric = meta.get("objective", {}).get("metric", "elbo")
+        client.log_metric(run_id, f"best_valid_{metric}", summary.best_value)
         client.set_tag(run_id, "klstudy.best_trial", summary.best_trial or "")
+        client.set_tag(run_id, "klstudy.objective", summary.objective)
     client.log_metric(run_id, "wall_s", summary.wall_s)
     client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
 
@@ -118,20 +122,41 @@ def _init_ray(address: str | None) -> bool:
     return target is None
 
 
-def _mirror(spec: StudySpec, sd: StudyDir):  # -> OptunaMirror
+def _eval_step_at(spec: StudySpec, share: float) -> int:
+    """The first evaluation step at or after ``share`` of total_steps (the evaluation grid:
+    multiples of eval_every_steps, and total_steps)."""
+    t = spec.train
+    target = math.ceil(share * t.total_steps - 1e-9)
+    return min(t.total_steps, max(1, math.ceil(target / t.eval_every_steps)) * t.eval_every_steps)
+
+
+def pruning_policy(spec: StudySpec):  # -> PruningPolicy
+    """What the study's pruner sees (``study._pruning``), from the spec."""
+    from study._pruning import PruningPolicy
+
+    p, o = spec.pruning, spec.objective
+    min_step = _eval_step_at(spec, p.min_share) if p.min_share > 0 else 0
+    grace_step = max(min_step, _eval_step_at(spec, p.fixing_grace_share))
+    return PruningPolicy(metric=o.pruning_metric, mode=o.mode, final_metric=o.metric,
+                         phase_aware=p.phase_aware, min_step=min_step, grace_step=grace_step)
+
+
+def _mirror(spec: StudySpec, sd: StudyDir, study_name: str):  # -> OptunaMirror
     from study._optuna_bridge import OptunaMirror
 
     p, t = spec.pruning, spec.train
+    min_step = pruning_policy(spec).min_step
     return OptunaMirror(
         p.storage or sd.optuna_url,
-        spec.name,
+        study_name,
+        direction="maximize" if spec.objective.mode == "max" else "minimize",
         pruner_kwargs={
             "kind": p.pruner,
             "n_startup_trials": p.n_startup_trials,
             "n_warmup_steps": p.n_warmup_steps,
             "percentile": p.percentile,
             "patience": p.patience,
-            "min_resource_steps": p.min_resource * t.eval_every_steps,
+            "min_resource_steps": max(p.min_resource * t.eval_every_steps, min_step),
             "max_resource_steps": t.total_steps,
             "reduction_factor": p.reduction_factor,
         },
@@ -140,7 +165,8 @@ def _mirror(spec: StudySpec, sd: StudyDir):  # -> OptunaMirror
     )
 
 
-def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any]):  # -> tune.Tuner
+def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
+                 optuna_study: str):  # -> tune.Tuner
     from ray import tune
 
     from study._pruning import OptunaPruningScheduler
@@ -148,14 +174,15 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any]):  # -> 
     from study._search import OptunaTPESearcher
     from workers._trainable import run_trial
 
-    mirror = _mirror(spec, sd)
-    scheduler = OptunaPruningScheduler(mirror, phase_aware=spec.pruning.phase_aware)
+    mirror = _mirror(spec, sd, optuna_study)
+    scheduler = OptunaPruningScheduler(mirror, policy=pruning_policy(spec))
     r = spec.resources
     trainable = tune.with_resources(run_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
     if spec.search.kind == "tpe":
         configs = []
         searcher = OptunaTPESearcher(mirror, spec.base_config(), seeds=list(spec.seeds),
-                                     n_trials=spec.search.n_trials, extra={"study": context})
+                                     n_trials=spec.search.n_trials, extra={"study": context},
+                                     metric=spec.objective.key, mode=spec.objective.mode)
         param_space: dict[str, Any] = {}
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                       num_samples=spec.search.n_trials,
@@ -166,7 +193,8 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any]):  # -> 
         tune_config = tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r.max_concurrent_trials,
                                       reuse_actors=True)
     recorder = StudyRecorder(sd, study_name=spec.name, configs=configs, mirror=mirror,
-                             tracking_uri=context["tracking_uri"], n_trials=spec.n_trials())
+                             tracking_uri=context["tracking_uri"], n_trials=spec.n_trials(),
+                             objective=(spec.objective.metric, spec.objective.mode))
     run_config = tune.RunConfig(
         name="tune",
         storage_path=str(sd.root),
@@ -190,14 +218,18 @@ def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path, address
     (sd.root / "spec.yaml").write_text(spec_text)
     uri = tracking_uri or spec.tracking.uri or sd.mlflow_url
     experiment_id, parent_run_id = _open_parent_run(spec, spec_text, sd, uri)
-    meta = {"name": spec.name, "spec": spec.to_dict(), "tracking_uri": uri, "experiment_name": spec.name,
+    # Unique per study: two studies sharing one Optuna storage never share twins.
+    optuna_study = f"{spec.name}.{parent_run_id[:12]}"
+    meta = {"optuna_study": optuna_study,
+            "objective": {"metric": spec.objective.metric, "mode": spec.objective.mode},
+            "name": spec.name, "spec": spec.to_dict(), "tracking_uri": uri, "experiment_name": spec.name,
             "experiment_id": experiment_id, "parent_run_id": parent_run_id, "status": "running",
             "n_trials": spec.n_trials(), "started_at": now_iso(), "finished_at": None,
             "address": address}
     sd.write_meta(meta)
     context = {"name": spec.name, "tracking_uri": uri, "experiment_id": experiment_id,
                "parent_run_id": parent_run_id}
-    return _fit(sd, meta, address, lambda: _build_tuner(spec, sd, context))
+    return _fit(sd, meta, address, lambda: _build_tuner(spec, sd, context, optuna_study))
 
 
 def resume_study(study_dir: str | Path, *, address: str | None = None) -> StudySummary:
@@ -246,7 +278,7 @@ def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None, make_tuner: An
     finally:
         summary = _summarise(sd, meta, time.monotonic() - started)
         sd.update_meta(status=status, finished_at=now_iso(), counts=summary.counts,
-                       best_trial=summary.best_trial, best_elbo=summary.best_elbo)
+                       best_trial=summary.best_trial, best_value=summary.best_value)
         if status != "interrupted":
             try:
                 _close_parent_run(meta, summary, status)
@@ -262,7 +294,8 @@ def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None, make_tuner: An
 def _summarise(sd: StudyDir, meta: dict[str, Any], wall_s: float) -> StudySummary:
     status = study_status(sd.root)
     return StudySummary(sd.root, meta["name"], status["counts"], status["best_trial"],
-                        status["best_elbo"], wall_s, meta["tracking_uri"], meta["parent_run_id"])
+                        status["best_value"], status["objective"], wall_s, meta["tracking_uri"],
+                        meta["parent_run_id"])
 
 
 def study_status(study_dir: str | Path) -> dict[str, Any]:
@@ -273,28 +306,38 @@ def study_status(study_dir: str | Path) -> dict[str, Any]:
     meta = sd.read_meta()
     counts = {"completed": 0, "pruned": 0, "running": 0, "error": 0, "pending": 0}
     trials_file = sd.root / "trials.parquet"
-    best_trial, best_elbo = None, None
+    best_trial, best_value = None, None
     if trials_file.is_file():
         for row in pq.read_table(trials_file).to_pylist():
             counts[row["status"]] = counts.get(row["status"], 0) + 1
     counts["pending"] = max(0, meta["n_trials"] - sum(v for k, v in counts.items() if k != "pending"))
-    finals = _final_valid_elbo(sd)
+    metric, mode = _objective_of(meta)
+    finals = {k: v for k, v in _final_valid(sd, metric).items()
+              if v is not None and math.isfinite(v)}  # never a NaN "best"
     if finals:
-        best_trial, best_elbo = max(finals.items(), key=lambda item: item[1])
+        pick = max if mode == "max" else min
+        best_trial, best_value = pick(finals.items(), key=lambda item: item[1])
     return {"name": meta["name"], "status": meta["status"], "study_dir": str(sd.root),
             "n_trials": meta["n_trials"], "counts": counts, "best_trial": best_trial,
-            "best_elbo": best_elbo, "tracking_uri": meta["tracking_uri"],
+            "best_value": best_value, "objective": f"valid/{metric} ({mode})",
+            "tracking_uri": meta["tracking_uri"],
             "started_at": meta.get("started_at"), "finished_at": meta.get("finished_at")}
 
 
-def _final_valid_elbo(sd: StudyDir) -> dict[str, float]:
+def _objective_of(meta: dict[str, Any]) -> tuple[str, str]:
+    """(metric, mode) of a study; studies from before the objective option used ELBO, max."""
+    objective = meta.get("objective") or meta.get("spec", {}).get("objective") or {}
+    return objective.get("metric", "elbo"), objective.get("mode") or "max"
+
+
+def _final_valid(sd: StudyDir, metric: str) -> dict[str, float]:
     import pyarrow.dataset as ds
 
     folder = sd.root / "evaluations"
     if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
         return {}
     table = ds.dataset(str(folder), format="parquet").to_table(
-        columns=["trial_id", "split", "final", "elbo"],
+        columns=["trial_id", "split", "final", metric],
         filter=(ds.field("split") == "valid") & (ds.field("final") == True),  # noqa: E712
     )
-    return {row["trial_id"]: row["elbo"] for row in table.to_pylist()}
+    return {row["trial_id"]: row[metric] for row in table.to_pylist()}

@@ -64,7 +64,11 @@ class OptunaMirror:
         pruner_kwargs: dict[str, Any] | None = None,
         sampler_seed: int | None = None,
         search_space: dict[str, list[Any]] | None = None,
+        direction: str = "maximize",
     ) -> None:
+        if direction not in ("maximize", "minimize"):
+            raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+        self.direction = direction
         self.storage_url = storage_url
         self.study_name = study_name
         self.pruner_kwargs = dict(pruner_kwargs or {"kind": "none"})
@@ -85,7 +89,7 @@ class OptunaMirror:
             self._study = optuna.create_study(
                 storage=self.storage_url,
                 study_name=self.study_name,
-                direction="maximize",  # validation ELBO
+                direction=getattr(self, "direction", "maximize"),  # the objective's mode
                 pruner=make_pruner(**self.pruner_kwargs),
                 sampler=optuna.samplers.TPESampler(seed=self.sampler_seed),
                 load_if_exists=True,

@@ -2,19 +2,34 @@
 
 Ray's ``OptunaSearch`` hard-codes Optuna's ``NopPruner``; this scheduler brings any Optuna
 pruner into Tune instead, for grid and TPE studies alike. Each Tune trial is mirrored by an
-Optuna twin (``OptunaMirror``); every evaluation is reported to it and the pruner decides.
+Optuna twin (``OptunaMirror``); evaluations are reported to it and the pruner decides.
 
-Schedule-aware pruning (the default): with cyclical β a trial mid-ramp looks worse than one at
-β_max for reasons unrelated to its final quality, so the pruner only sees validation ELBO
-measured in a fixing stage (β = β_max), carried forward between such evaluations; a trial is
-never pruned before it first reaches β_max.
+What the pruner sees (:class:`PruningPolicy`) is built so that pruning cannot decide the study's
+conclusion (DESIGN §4):
+
+- the study objective (``objective.metric``, validation split) in the objective's direction;
+- nothing before ``min_step`` (``pruning.min_share`` of T): no trial is pruned earlier, and an
+  early value can never become the "best so far" that shields a trial later;
+- all trials share T and the evaluation grid, so a report at step s compares every trial at the
+  same fraction of its training;
+- schedule-aware (``phase_aware``, the default): a trial mid-ramp looks worse than one at β_max
+  for reasons unrelated to its final quality, so a trial reports its last fixing-stage value
+  (``at_beta_max``: β = β_max, or the last evaluation of a cycle that has none), carried
+  forward. A trial that has not reached a fixing stage yet (monotonic with a large R, R = 1)
+  reports nothing until ``grace_step`` (``pruning.fixing_grace_share`` of T), then its current
+  value: no schedule escapes comparison for more than that share of its run.
+
+Together with the interleaved grid order (``study._grid``: the first completed trials, which
+the median pruner uses as its reference, span M and R), no family is immune by grid order or
+schedule shape; ``bench/pruning.py`` measures it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -26,24 +41,71 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRIC = "valid/elbo"  # maximised; β = 1 whatever the training β
 TRIAL_KEY = "klstudy_trial_id"
+PARAM_KEYS = ("n_cycles", "ratio", "ramp", "beta_max")
 
 
-def pruning_value(result: dict[str, Any], *, phase_aware: bool, carried: float | None) -> float | None:
-    """The value the pruner should see for this result, or None for "nothing to report yet".
+@dataclass(frozen=True)
+class PruningPolicy:
+    """What the pruner is shown, and from when.
 
     Args:
-        result: a Tune result with ``valid/elbo`` and ``at_beta_max``.
-        phase_aware: only fixing-stage values count (carried forward) when True.
-        carried: the last fixing-stage value of this trial, if any.
+        metric: the validation metric reported (the objective, or its proxy for ``iw_nll``).
+        mode: ``max`` or ``min``: which direction is better (the Optuna study's direction).
+        final_metric: the metric told to Optuna when a trial completes (the objective).
+        phase_aware: report fixing-stage values only, carried forward (module docstring).
+        min_step: no report (so no pruning) at evaluations before this optimizer step.
+        grace_step: from this step a trial without any fixing-stage value reports its current
+            value (phase-aware only).
     """
-    value = result.get(METRIC)
-    if value is None or not math.isfinite(value):
-        return carried if phase_aware else None
-    if not phase_aware or result.get("at_beta_max"):
+
+    metric: str = "elbo"
+    mode: Literal["max", "min"] = "max"
+    final_metric: str = "elbo"
+    phase_aware: bool = True
+    min_step: int = 0
+    grace_step: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"valid/{self.metric}"
+
+    @property
+    def final_key(self) -> str:
+        return f"valid/{self.final_metric}"
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
-    return carried
+    return None
+
+
+def fixing_value(result: dict[str, Any], policy: PruningPolicy) -> float | None:
+    """The result's objective value when it was measured in a fixing stage, else None."""
+    if not result.get("at_beta_max"):
+        return None
+    return _finite(result.get(policy.key))
+
+
+def pruning_value(result: dict[str, Any], *, policy: PruningPolicy,
+                  carried: float | None) -> float | None:
+    """The value the pruner should see for this result, or None for "nothing to report".
+
+    Args:
+        result: a Tune result with ``step``, ``at_beta_max`` and ``valid/<metric>``.
+        policy: see :class:`PruningPolicy`.
+        carried: the trial's last fixing-stage value (this result's own included), if any.
+    """
+    step = int(result["step"])
+    if step < policy.min_step:
+        return None
+    current = _finite(result.get(policy.key))
+    if not policy.phase_aware:
+        return current
+    if carried is not None:
+        return carried
+    return current if step >= policy.grace_step else None
 
 
 class OptunaPruningScheduler(FIFOScheduler):
@@ -51,13 +113,13 @@ class OptunaPruningScheduler(FIFOScheduler):
 
     Args:
         mirror: the study's Optuna storage handle (its pruner decides).
-        phase_aware: schedule-aware pruning (see module docstring).
+        policy: what the pruner sees (:class:`PruningPolicy`).
     """
 
-    def __init__(self, mirror: OptunaMirror, *, phase_aware: bool = True) -> None:
+    def __init__(self, mirror: OptunaMirror, *, policy: PruningPolicy | None = None) -> None:
         super().__init__()
         self.mirror = mirror
-        self.phase_aware = phase_aware
+        self.policy = policy or PruningPolicy()
         self._carried: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -66,32 +128,36 @@ class OptunaPruningScheduler(FIFOScheduler):
         return state
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        return True  # the metric is fixed: validation ELBO, maximised
+        return True  # the metric and mode are the study objective's
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
         trial_id = result.get(TRIAL_KEY) or trial.config["trial"]["trial_id"]
-        twin = self.mirror.ensure(trial_id, _params(trial.config), seed=_seed(trial.config))
+        twin = self.mirror.ensure(trial_id, trial_params(trial.config), seed=_seed(trial.config))
         if twin.state == TrialState.PRUNED:
             return TrialScheduler.STOP  # pruned before a restart: stay pruned
         if twin.state.is_finished() or result.get("final"):
             return TrialScheduler.CONTINUE
         if trial_id not in self._carried and twin.intermediate_values:
             self._carried[trial_id] = twin.intermediate_values[max(twin.intermediate_values)]
-        value = pruning_value(result, phase_aware=self.phase_aware,
-                              carried=self._carried.get(trial_id))
+        fixed = fixing_value(result, self.policy)
+        if fixed is not None:
+            self._carried[trial_id] = fixed
+        value = pruning_value(result, policy=self.policy, carried=self._carried.get(trial_id))
         if value is None:
             return TrialScheduler.CONTINUE
-        self._carried[trial_id] = value
         if self.mirror.report(twin, value, int(result["step"])):
             self.mirror.finish(trial_id, TrialState.PRUNED)
-            log.info("trial %s pruned at step %s (value %.4f)", trial_id, result["step"], value)
+            log.info("trial %s pruned at step %s (%s %.4f)", trial_id, result["step"],
+                     self.policy.metric, value)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
         trial_id = trial.config["trial"]["trial_id"]
         if result and result.get("final"):
-            self.mirror.finish(trial_id, TrialState.COMPLETE, value=result.get(METRIC))
+            value = _finite(result.get(self.policy.final_key))
+            self.mirror.finish(trial_id, TrialState.COMPLETE if value is not None
+                               else TrialState.FAIL, value=value)
         else:
             self.mirror.finish(trial_id, TrialState.FAIL)
         self._carried.pop(trial_id, None)
@@ -100,12 +166,13 @@ class OptunaPruningScheduler(FIFOScheduler):
         self.mirror.finish(trial.config["trial"]["trial_id"], TrialState.FAIL)
 
     def debug_string(self) -> str:
-        return f"OptunaPruningScheduler({self.mirror.pruner_kwargs}, phase_aware={self.phase_aware})"
+        return f"OptunaPruningScheduler({self.mirror.pruner_kwargs}, {self.policy})"
 
 
-def _params(tune_config: dict) -> dict[str, Any]:
+def trial_params(tune_config: dict) -> dict[str, Any]:
+    """The searched parameters of a trial, as its Optuna twin records them."""
     trial = tune_config["trial"]
-    return {k: trial[k] for k in ("n_cycles", "ratio", "ramp", "beta_max")}
+    return {k: trial[k] for k in PARAM_KEYS}
 
 
 def _seed(tune_config: dict) -> int:

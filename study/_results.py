@@ -57,7 +57,8 @@ class StudyRecorder(Callback):
     """Writes every evaluation to Parquet and keeps ``trials.parquet`` and MLflow statuses true."""
 
     def __init__(self, study_dir: StudyDir, *, study_name: str, configs: list[TrialConfig],
-                 mirror: OptunaMirror, tracking_uri: str | None, n_trials: int | None = None) -> None:
+                 mirror: OptunaMirror, tracking_uri: str | None, n_trials: int | None = None,
+                 objective: tuple[str, str] = ("elbo", "max")) -> None:
         self.study_dir = study_dir
         self.study_name = study_name
         self.mirror = mirror
@@ -66,7 +67,8 @@ class StudyRecorder(Callback):
         self.trials: dict[str, dict[str, Any]] = {c.trial_id: self._new_row(c) for c in configs}
         self._rows: list[dict[str, Any]] = []
         self._latents: list[dict[str, Any]] = []
-        self._final_elbo: dict[str, float] = {}
+        self.objective = objective  # (metric, mode) of the study; "best" follows it
+        self._final_value: dict[str, float] = {}
         self._flush_due = Throttle(_FLUSH_EVERY_S)
         self._progress_due = Throttle(_FLUSH_EVERY_S)
         self._started = time.monotonic()
@@ -93,7 +95,7 @@ class StudyRecorder(Callback):
         self._rows.extend(evaluation_rows(self.study_name, config, ev))
         self._latents.extend(latent_rows(self.study_name, config.trial_id, ev))
         if ev.final:
-            self._final_elbo[config.trial_id] = ev.valid.get("elbo", math.nan)
+            self._final_value[config.trial_id] = ev.valid.get(self.objective[0], math.nan)
         row = self._trial_row(config)
         row.update(status="running", last_step=ev.step, node_ip=result.get("node_ip"),
                    mlflow_run_id=result.get("mlflow_run_id") or row.get("mlflow_run_id"))
@@ -180,14 +182,16 @@ class StudyRecorder(Callback):
         c = self.counts()
         elapsed = int(time.monotonic() - self._started)
         best = self._best_final()
-        best_text = f"best valid ELBO {best[1]:.4f} ({best[0]})" if best else "best: -"
+        metric, mode = self.objective
+        best_text = f"best valid {metric} {best[1]:.4f} ({best[0]})" if best else "best: -"
         return (f"[{elapsed // 60:02d}:{elapsed % 60:02d}] trials {self.n_trials}: "
                 f"{c['completed']} done, {c['pruned']} pruned, {c['running']} running, "
                 f"{c['error']} failed, {c['pending']} pending | {best_text}")
 
     def _best_final(self) -> tuple[str, float] | None:
-        finite = [(tid, v) for tid, v in self._final_elbo.items() if math.isfinite(v)]
-        return max(finite, key=lambda item: item[1]) if finite else None
+        finite = [(tid, v) for tid, v in self._final_value.items() if math.isfinite(v)]
+        pick = max if self.objective[1] == "max" else min
+        return pick(finite, key=lambda item: item[1]) if finite else None
 
 
 def _error_text(trial: Any) -> str:

@@ -25,8 +25,9 @@ class OptunaTPESearcher(Searcher):
     """Suggests ``{"trial": TrialConfig dict}`` configs from the TPE sampler, ``n_trials`` in all."""
 
     def __init__(self, mirror: OptunaMirror, base: TrialConfig, *, seeds: list[int], n_trials: int,
-                 extra: dict[str, Any] | None = None) -> None:
-        super().__init__(metric="valid/elbo", mode="max")
+                 extra: dict[str, Any] | None = None, metric: str = "valid/elbo",
+                 mode: str = "max") -> None:
+        super().__init__(metric=metric, mode=mode)
         self.mirror = mirror
         self.base = base
         self.seeds = list(seeds)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import itertools
 import math
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from study._grid import interleaved_points
 from study._spec_errors import spec_error
 from study._spec_yaml import _NO_VALUE, SpecError, read_yaml
 
@@ -239,12 +239,52 @@ class PruningSpec(_Section):
     min_resource: PosInt = 1  # successive_halving/hyperband: in evaluations
     reduction_factor: Annotated[int, Field(ge=2)] = 3  # successive_halving/hyperband
     storage: str | None = None  # Optuna RDB URL; None: the driver's default (in the study dir)
+    # Nothing is reported to the pruner, so nothing pruned, before this share of total_steps.
+    min_share: Annotated[float, _range(0, 1)] = 0.25
+    # phase_aware: a trial with no fixing-stage evaluation yet (β still ramping: monotonic with a
+    # large R, R = 1) is compared with its current value from this share of total_steps on, so
+    # that no schedule escapes comparison for more than this share of its run.
+    fixing_grace_share: Annotated[float, _range(0, 1)] = 0.5
 
     @field_validator("storage")
     @classmethod
     def _rdb_url(cls, url: str | None) -> str | None:
         what = "an RDB URL (sqlite:///PATH, postgresql://…, mysql://…)"
         return None if url is None else _check_url(url, _RDB_SCHEMES, what)
+
+
+# Metrics a study can optimise, with the direction that is "better" when the spec gives no mode.
+OBJECTIVE_MODES: dict[str, str] = {"elbo": "max", "rec": "min", "kl": "max", "mi": "max",
+                                   "au": "max", "iw_nll": "min", "ppl": "min"}
+ObjectiveMetric = Literal["elbo", "rec", "kl", "mi", "au", "iw_nll", "ppl"]
+
+
+class ObjectiveSpec(_Section):
+    """The validation metric that pruning, TPE, "best" and the report use (DESIGN §4).
+
+    ``mode`` defaults to the metric's better direction (:data:`OBJECTIVE_MODES`). ``iw_nll`` is
+    measured only at a trial's final evaluation, so the pruner judges such a study on its bound
+    ``nll_elbo`` (= −ELBO ≥ IW-NLL) and TPE on the final ``iw_nll``.
+    """
+
+    metric: ObjectiveMetric = "elbo"
+    mode: Literal["max", "min"] | None = None
+
+    @model_validator(mode="after")
+    def _default_mode(self) -> ObjectiveSpec:
+        if self.mode is None:
+            object.__setattr__(self, "mode", OBJECTIVE_MODES[self.metric])
+        return self
+
+    @property
+    def key(self) -> str:
+        """The result key of the objective: ``valid/<metric>``."""
+        return f"valid/{self.metric}"
+
+    @property
+    def pruning_metric(self) -> str:
+        """The metric the pruner sees at intermediate evaluations."""
+        return "nll_elbo" if self.metric == "iw_nll" else self.metric
 
 
 class ResourcesSpec(_Section):
@@ -284,6 +324,9 @@ def trial_id(
     return f"t{index:04d}-M{n_cycles}-R{ratio:g}-{ramp}-b{beta_max:g}-s{seed}"
 
 
+MAX_TRIALS = 100_000  # a larger grid is a typo, and Tune keeps every trial in memory
+
+
 class StudySpec(_Section):
     """A whole study. Build it with :func:`load_spec` or :func:`parse_spec`."""
 
@@ -294,6 +337,7 @@ class StudySpec(_Section):
     schedule: ScheduleSpec
     seeds: Seeds = (0,)
     search: SearchSpec = Field(default_factory=SearchSpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -321,6 +365,22 @@ class StudySpec(_Section):
             if m > total:
                 message = f"must be <= train.total_steps ({total})"
                 raise _fail(message, m, at=f"schedule.n_cycles[{i}]")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_is_measured(self) -> StudySpec:
+        if self.objective.metric == "iw_nll" and self.train.iw_samples == 0:
+            message = "'iw_nll' needs train.iw_samples > 0 (it is measured with K samples)"
+            raise _fail(message, self.train.iw_samples, at="objective.metric")
+        return self
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> StudySpec:
+        if self.search.kind == "grid" and self.n_trials() > MAX_TRIALS:
+            shape = " x ".join(str(len(v)) for v in (*self.search_space().values(), self.seeds))
+            message = (f"the grid ({shape}) expands to more than {MAX_TRIALS:,} trials; "
+                       "use fewer axis values or search.kind: tpe")
+            raise _fail(message, self.n_trials(), at="schedule")
         return self
 
     def n_trials(self) -> int:
@@ -364,14 +424,12 @@ class StudySpec(_Section):
         )  # fmt: skip
 
     def grid_configs(self) -> list[TrialConfig]:
-        """One config per grid trial: M, then R, ramp, β_max, seed (innermost), in spec order."""
+        """One config per grid trial, in run order (``study._grid``: seeds outermost, M and R
+        interleaved so that the first trials span the grid); ids number them in that order."""
         base = self.base_config()
-        space = self.search_space()
-        configs = []
-        for index, values in enumerate(itertools.product(*space.values(), self.seeds)):
-            point = dict(zip([*space, "seed"], values, strict=True))
-            configs.append(dataclasses.replace(base, **point, trial_id=trial_id(index, **point)))
-        return configs
+        points = interleaved_points(self.search_space(), list(self.seeds))
+        return [dataclasses.replace(base, **point, trial_id=trial_id(index, **point))
+                for index, point in enumerate(points)]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec (defaults filled) as JSON-able data; ``parse_spec`` reads it."""

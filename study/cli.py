@@ -68,7 +68,7 @@ def _print_summary(summary) -> None:
     print(f"study {summary.name!r} finished in {summary.wall_s:.0f} s: {c.get('completed', 0)} completed, "
           f"{c.get('pruned', 0)} pruned, {c.get('error', 0)} failed")
     if summary.best_trial:
-        print(f"best validation ELBO {summary.best_elbo:.4f}: {summary.best_trial}")
+        print(f"best {summary.objective}: {summary.best_value:.4f} ({summary.best_trial})")
     print(f"study dir: {summary.study_dir}")
     print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
           f"report: klstudy report {summary.study_dir}")
@@ -131,7 +131,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  trials {status['n_trials']}: {c['completed']} completed, {c['pruned']} pruned, "
           f"{c['running']} running, {c['error']} failed, {c['pending']} pending")
     if status["best_trial"]:
-        print(f"  best validation ELBO {status['best_elbo']:.4f}: {status['best_trial']}")
+        print(f"  best {status['objective']}: {status['best_value']:.4f} ({status['best_trial']})")
     print(f"  MLflow: {status['tracking_uri']}")
     return 0
 

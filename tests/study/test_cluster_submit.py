@@ -87,7 +87,7 @@ def test_some_trials_pruned_and_optuna_agrees(submitted: dict) -> None:
     for run in children:
         if run.data.tags["klstudy.status"] == "pruned":
             assert int(run.data.tags["klstudy.pruned_at_step"]) < 300
-    study = optuna.load_study(study_name="cluster-toy",
+    study = optuna.load_study(study_name=meta["optuna_study"],
                               storage=f"sqlite:///{submitted['study_dir'] / 'optuna.db'}")
     optuna_pruned = {t.user_attrs["tune_trial_id"] for t in study.trials
                      if t.state == optuna.trial.TrialState.PRUNED}

@@ -91,7 +91,8 @@ def test_metric_steps_are_optimizer_steps(grid_study: Path) -> None:
 
 def test_pruned_runs_are_tagged_and_agree_with_optuna(grid_study: Path) -> None:
     meta = json.loads((grid_study / "study.json").read_text())
-    study = optuna.load_study(study_name="drv", storage=f"sqlite:///{grid_study / 'optuna.db'}")
+    study = optuna.load_study(study_name=meta["optuna_study"],
+                              storage=f"sqlite:///{grid_study / 'optuna.db'}")
     states = {t.user_attrs["tune_trial_id"]: t.state for t in study.trials}
     assert len(states) == 8
     for run in child_runs(meta):
@@ -164,7 +165,9 @@ def test_tpe_search_runs_n_trials_in_the_grid(ray_local, tmp_path: Path) -> None
     assert len(trials) == 4
     assert set(trials["status"]) == {"completed"}
     assert set(trials["n_cycles"]) <= {1, 3} and set(trials["ratio"]) <= {0.25, 0.5}
-    study = optuna.load_study(study_name="tpe", storage=f"sqlite:///{tmp_path / 'tpe' / 'optuna.db'}")
+    meta = json.loads((tmp_path / "tpe" / "study.json").read_text())
+    study = optuna.load_study(study_name=meta["optuna_study"],
+                              storage=f"sqlite:///{tmp_path / 'tpe' / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
 
 

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import TrialScheduler
 
 from study._optuna_bridge import OptunaMirror, make_pruner
-from study._pruning import OptunaPruningScheduler, pruning_value
+from study._pruning import OptunaPruningScheduler, PruningPolicy, pruning_value
 from workers import TrialConfig
 
 SPACE = {"n_cycles": [1, 4], "ratio": [0.5], "ramp": ["linear"], "beta_max": [1.0]}
@@ -33,9 +33,18 @@ def result(step: int, elbo: float, *, at_beta_max: bool = True, final: bool = Fa
     return {"valid/elbo": elbo, "step": step, "at_beta_max": at_beta_max, "final": final}
 
 
-def mirror(tmp_path, pruner: str = "median", **kwargs: Any) -> OptunaMirror:
-    return OptunaMirror(f"sqlite:///{tmp_path / 'optuna.db'}", "s",
+def mirror(tmp_path, pruner: str = "median", *, direction: str = "maximize",
+           **kwargs: Any) -> OptunaMirror:
+    return OptunaMirror(f"sqlite:///{tmp_path / 'optuna.db'}", "s", direction=direction,
                         pruner_kwargs={"kind": pruner, **kwargs}, search_space=SPACE)
+
+
+PLAIN = PruningPolicy(phase_aware=False)
+AWARE = PruningPolicy(phase_aware=True, grace_step=1000)  # grace longer than these trials
+
+
+def scheduler(m: OptunaMirror, *, phase_aware: bool = True, **policy: Any) -> OptunaPruningScheduler:
+    return OptunaPruningScheduler(m, policy=PruningPolicy(phase_aware=phase_aware, **policy))
 
 
 def complete(sched: OptunaPruningScheduler, trial: FakeTrial, values: list[float]) -> None:
@@ -45,16 +54,41 @@ def complete(sched: OptunaPruningScheduler, trial: FakeTrial, values: list[float
 
 
 def test_pruning_value_plain_reports_every_value() -> None:
-    assert pruning_value(result(5, -3.0, at_beta_max=False), phase_aware=False, carried=None) == -3.0
+    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=PLAIN, carried=None) == -3.0
 
 
 def test_pruning_value_phase_aware_waits_for_beta_max() -> None:
-    assert pruning_value(result(5, -3.0, at_beta_max=False), phase_aware=True, carried=None) is None
+    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=AWARE, carried=None) is None
 
 
-def test_pruning_value_phase_aware_carries_last_fixed_value() -> None:
-    assert pruning_value(result(5, -9.0, at_beta_max=False), phase_aware=True, carried=-2.0) == -2.0
-    assert pruning_value(result(5, -1.5, at_beta_max=True), phase_aware=True, carried=-2.0) == -1.5
+def test_pruning_value_phase_aware_reports_the_carried_fixing_value() -> None:
+    assert pruning_value(result(5, -9.0, at_beta_max=False), policy=AWARE, carried=-2.0) == -2.0
+
+
+@pytest.mark.parametrize("policy", [PLAIN, AWARE])
+def test_pruning_value_is_none_before_the_minimum_share(policy: PruningPolicy) -> None:
+    early = PruningPolicy(phase_aware=policy.phase_aware, min_step=50)
+    assert pruning_value(result(40, -1.0), policy=early, carried=-1.0) is None
+    assert pruning_value(result(50, -1.0), policy=early, carried=-1.0) == -1.0
+
+
+def test_a_trial_still_ramping_is_compared_with_its_current_value_after_the_grace() -> None:
+    """Monotonic with a large R (or R = 1) must not escape comparison for most of its run."""
+    policy = PruningPolicy(phase_aware=True, min_step=25, grace_step=50)
+    ramping = {s: result(s, -7.0, at_beta_max=False) for s in (30, 50, 90)}
+    assert pruning_value(ramping[30], policy=policy, carried=None) is None
+    assert pruning_value(ramping[50], policy=policy, carried=None) == -7.0
+    assert pruning_value(ramping[90], policy=policy, carried=None) == -7.0
+
+
+def test_pruning_value_reads_the_policy_metric() -> None:
+    policy = PruningPolicy(metric="rec", mode="min", phase_aware=False)
+    assert pruning_value({"step": 5, "valid/rec": 2.5, "valid/elbo": -9.0}, policy=policy,
+                         carried=None) == 2.5
+
+
+def test_non_finite_values_are_never_reported() -> None:
+    assert pruning_value(result(5, float("nan")), policy=PLAIN, carried=None) is None
 
 
 @pytest.mark.parametrize("kind", ["none", "median", "percentile", "successive_halving", "hyperband",
@@ -70,7 +104,7 @@ def test_make_pruner_rejects_unknown_kind() -> None:
 
 def test_median_pruner_stops_a_poor_trial_and_tells_optuna(tmp_path) -> None:
     m = mirror(tmp_path, n_startup_trials=2)
-    sched = OptunaPruningScheduler(m, phase_aware=False)
+    sched = scheduler(m, phase_aware=False)
     complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
     complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
     poor = fake_trial("c")
@@ -81,9 +115,9 @@ def test_median_pruner_stops_a_poor_trial_and_tells_optuna(tmp_path) -> None:
     assert m.find("a").value == -1.0
 
 
-def test_phase_aware_never_prunes_before_beta_max(tmp_path) -> None:
+def test_phase_aware_never_prunes_before_beta_max_within_the_grace(tmp_path) -> None:
     m = mirror(tmp_path, n_startup_trials=2)
-    sched = OptunaPruningScheduler(m, phase_aware=True)
+    sched = scheduler(m, phase_aware=True, grace_step=1000)
     complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
     complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
     ramping = fake_trial("c")
@@ -94,7 +128,7 @@ def test_phase_aware_never_prunes_before_beta_max(tmp_path) -> None:
 
 def test_phase_aware_uses_carried_fixing_value(tmp_path) -> None:
     m = mirror(tmp_path, n_startup_trials=2)
-    sched = OptunaPruningScheduler(m, phase_aware=True)
+    sched = scheduler(m, phase_aware=True)
     complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
     complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
     trial = fake_trial("c")
@@ -106,7 +140,7 @@ def test_phase_aware_uses_carried_fixing_value(tmp_path) -> None:
 
 def test_plain_mode_prunes_a_trial_that_is_still_ramping(tmp_path) -> None:
     m = mirror(tmp_path, n_startup_trials=2)
-    sched = OptunaPruningScheduler(m, phase_aware=False)
+    sched = scheduler(m, phase_aware=False)
     complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
     complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
     ramping = fake_trial("c")
@@ -116,7 +150,7 @@ def test_plain_mode_prunes_a_trial_that_is_still_ramping(tmp_path) -> None:
 
 def test_final_result_is_never_pruned(tmp_path) -> None:
     m = mirror(tmp_path, n_startup_trials=1)
-    sched = OptunaPruningScheduler(m, phase_aware=False)
+    sched = scheduler(m, phase_aware=False)
     complete(sched, fake_trial("a"), [-1.0])
     late = fake_trial("b")
     assert sched.on_trial_result(None, late, result(10, -99.0, final=True)) == TrialScheduler.CONTINUE
@@ -124,7 +158,7 @@ def test_final_result_is_never_pruned(tmp_path) -> None:
 
 def test_twin_records_params_and_seed(tmp_path) -> None:
     m = mirror(tmp_path)
-    sched = OptunaPruningScheduler(m)
+    sched = scheduler(m)
     sched.on_trial_result(None, fake_trial("a", n_cycles=1, seed=3), result(10, -1.0))
     twin = m.find("a")
     assert twin.params == {"n_cycles": 1, "ratio": 0.5, "ramp": "linear", "beta_max": 1.0}
@@ -135,7 +169,7 @@ def test_scheduler_survives_pickling_and_reattaches(tmp_path) -> None:
     """After a restore (unpickled scheduler, same storage) no duplicate twin is created and a
     pruned twin stays pruned."""
     m = mirror(tmp_path, n_startup_trials=2)
-    sched = OptunaPruningScheduler(m, phase_aware=False)
+    sched = scheduler(m, phase_aware=False)
     complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
     complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
     running, poor = fake_trial("c"), fake_trial("d")
@@ -151,8 +185,95 @@ def test_scheduler_survives_pickling_and_reattaches(tmp_path) -> None:
 
 def test_error_marks_twin_failed(tmp_path) -> None:
     m = mirror(tmp_path)
-    sched = OptunaPruningScheduler(m)
+    sched = scheduler(m)
     trial = fake_trial("a")
     sched.on_trial_result(None, trial, result(10, -1.0))
     sched.on_trial_error(None, trial)
     assert m.state_of("a") == TrialState.FAIL
+
+
+def test_carried_value_comes_from_fixing_stages_before_the_minimum_share(tmp_path) -> None:
+    """A cyclical trial at β_max before min_step, mid-ramp at min_step, reports that value."""
+    m = mirror(tmp_path, n_startup_trials=2)
+    sched = scheduler(m, phase_aware=True, min_step=20)
+    complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
+    complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
+    trial = fake_trial("c")
+    assert sched.on_trial_result(None, trial, result(10, -1.5)) == TrialScheduler.CONTINUE
+    assert m.find("c").intermediate_values == {}  # before min_step: nothing reported
+    sched.on_trial_result(None, trial, result(20, -60.0, at_beta_max=False))
+    assert m.find("c").intermediate_values == {20: -1.5}
+
+
+def test_minimize_objective_prunes_the_high_values(tmp_path) -> None:
+    m = mirror(tmp_path, n_startup_trials=2, direction="minimize")
+    sched = scheduler(m, phase_aware=False, metric="rec", mode="min", final_metric="rec")
+    for name, values in (("a", [3.0, 2.0, 1.0]), ("b", [3.1, 2.1, 1.1])):
+        trial = fake_trial(name)
+        for i, v in enumerate(values, start=1):
+            sched.on_trial_result(None, trial, {"valid/rec": v, "step": 10 * i,
+                                                "at_beta_max": True, "final": i == 3})
+        sched.on_trial_complete(None, trial, {"valid/rec": values[-1], "step": 30, "final": True})
+    assert m.find("a").value == 1.0
+    good, poor = fake_trial("c"), fake_trial("d")
+    low = {"valid/rec": 0.5, "step": 10, "at_beta_max": True}
+    high = {"valid/rec": 50.0, "step": 10, "at_beta_max": True}
+    assert sched.on_trial_result(None, good, low) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, poor, high) == TrialScheduler.STOP
+
+
+def test_a_completed_trial_with_a_non_finite_objective_is_failed(tmp_path) -> None:
+    m = mirror(tmp_path)
+    sched = scheduler(m, phase_aware=False)
+    trial = fake_trial("a")
+    sched.on_trial_result(None, trial, result(10, -1.0))
+    sched.on_trial_complete(None, trial, result(20, float("nan"), final=True))
+    assert m.state_of("a") == TrialState.FAIL
+
+
+def test_mirror_rejects_an_unknown_direction(tmp_path) -> None:
+    with pytest.raises(ValueError, match="direction must be"):
+        mirror(tmp_path, direction="up")
+
+
+# --- the policy the driver builds from a spec ---------------------------------------------------
+def _spec(**sections: Any):
+    from study._spec import parse_spec
+
+    data = {"name": "p", "model": {"kind": "toy"}, "data": {"kind": "toy"},
+            "train": {"total_steps": 1000, "eval_every_steps": 60},
+            "schedule": {"n_cycles": [1, 4], "ratio": [0.5]}, **sections}
+    return parse_spec(data)
+
+
+def test_policy_steps_lie_on_the_evaluation_grid() -> None:
+    from study._driver import pruning_policy
+
+    policy = pruning_policy(_spec())
+    # 25% of 1000 = 250 -> the next evaluation is 300; 50% = 500 -> 540
+    assert (policy.min_step, policy.grace_step) == (300, 540)
+    assert (policy.metric, policy.mode, policy.final_metric) == ("elbo", "max", "elbo")
+
+
+def test_policy_follows_the_objective_and_options() -> None:
+    from study._driver import pruning_policy
+
+    spec = _spec(objective={"metric": "iw_nll"},
+                 pruning={"min_share": 0.0, "fixing_grace_share": 0.1, "phase_aware": False})
+    policy = pruning_policy(spec)
+    assert (policy.min_step, policy.grace_step) == (0, 120)
+    assert (policy.metric, policy.mode, policy.final_metric) == ("nll_elbo", "min", "iw_nll")
+    assert policy.phase_aware is False
+
+
+def test_grace_is_never_before_the_minimum_share() -> None:
+    from study._driver import pruning_policy
+
+    policy = pruning_policy(_spec(pruning={"min_share": 0.8, "fixing_grace_share": 0.1}))
+    assert policy.grace_step == policy.min_step == 840
+
+
+def test_a_share_of_one_is_the_last_step_even_off_the_interval() -> None:
+    from study._driver import pruning_policy
+
+    assert pruning_policy(_spec(pruning={"min_share": 1.0})).min_step == 1000

@@ -66,23 +66,23 @@ def test_example_grid_configs_pass_trial_config_check(
         config.check()
 
 
-def test_grid_configs_follow_axis_order_with_seed_innermost() -> None:
+def test_grid_configs_interleave_m_and_r_with_seeds_outermost() -> None:
     ids = [c.trial_id for c in parse_spec(_valid()).grid_configs()]
     assert ids == [
         "t0000-M1-R0.5-linear-b1-s0",
-        "t0001-M1-R0.5-linear-b1-s2",
+        "t0001-M4-R0.25-linear-b1-s0",
         "t0002-M1-R0.25-linear-b1-s0",
-        "t0003-M1-R0.25-linear-b1-s2",
-        "t0004-M4-R0.5-linear-b1-s0",
-        "t0005-M4-R0.5-linear-b1-s2",
-        "t0006-M4-R0.25-linear-b1-s0",
-        "t0007-M4-R0.25-linear-b1-s2",
+        "t0003-M4-R0.5-linear-b1-s0",
+        "t0004-M1-R0.5-linear-b1-s2",
+        "t0005-M4-R0.25-linear-b1-s2",
+        "t0006-M1-R0.25-linear-b1-s2",
+        "t0007-M4-R0.5-linear-b1-s2",
     ]
 
 
 def test_grid_configs_carry_the_point_they_name() -> None:
-    c = parse_spec(_valid()).grid_configs()[6]
-    assert (c.n_cycles, c.ratio, c.ramp, c.beta_max, c.seed) == (4, 0.25, "linear", 1.0, 0)
+    c = parse_spec(_valid()).grid_configs()[5]
+    assert (c.n_cycles, c.ratio, c.ramp, c.beta_max, c.seed) == (4, 0.25, "linear", 1.0, 2)
 
 
 def test_grid_trial_ids_are_unique_and_filesystem_safe() -> None:
@@ -289,6 +289,14 @@ INVALID = [
     ("resources.cpus_per_trial", 0, "resources.cpus_per_trial: must be > 0, got 0"),
     ("resources.gpus_per_trial", -0.5, "resources.gpus_per_trial: must be >= 0, got -0.5"),
     ("resources.max_concurrent_trials", 0, "resources.max_concurrent_trials: must be >= 1, got 0"),
+    ("objective.metric", "loss",
+     "objective.metric: must be one of elbo, rec, kl, mi, au, iw_nll, ppl, got 'loss'"),
+    ("objective.mode", "maximize", "objective.mode: must be one of max, min, got 'maximize'"),
+    ("objective.direction", "max", "objective.direction: unknown key"),
+    ("objective", "elbo", "objective: must be a mapping, got 'elbo'"),
+    ("pruning.min_share", 1.5, "pruning.min_share: must be in [0, 1], got 1.5"),
+    ("pruning.fixing_grace_share", -0.1,
+     "pruning.fixing_grace_share: must be in [0, 1], got -0.1"),
     ("tracking.uri", "ftp://host/x",
      "tracking.uri: must be a path or a file://, sqlite:///, http(s):// or database URL, "
      "got 'ftp://host/x'"),
@@ -379,3 +387,48 @@ def test_non_string_keys_are_reported_first() -> None:
     with pytest.raises(SpecError) as info:
         parse_spec({"name": "x", 1: 2})
     assert str(info.value) == "spec[1]: keys must be strings, got 1"
+
+
+def test_non_scalar_yaml_keys_are_an_error_not_a_traceback(tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text("name: a\n? [1, 2]\n: x\n")
+    with pytest.raises(SpecError, match=r"spec.yaml:2:3: invalid YAML: keys must be plain scalars"):
+        load_spec(spec_file)
+
+
+# --- objective ----------------------------------------------------------------------------------
+def test_objective_defaults_to_valid_elbo_max() -> None:
+    o = parse_spec(_valid()).objective
+    assert (o.metric, o.mode, o.key, o.pruning_metric) == ("elbo", "max", "valid/elbo", "elbo")
+
+
+@pytest.mark.parametrize(("metric", "mode"), [("rec", "min"), ("kl", "max"), ("mi", "max"),
+                                              ("au", "max"), ("ppl", "min"), ("iw_nll", "min")])
+def test_objective_mode_defaults_to_the_better_direction(metric: str, mode: str) -> None:
+    assert parse_spec(_with("objective", {"metric": metric})).objective.mode == mode
+
+
+def test_objective_mode_can_be_given() -> None:
+    spec = parse_spec(_with("objective", {"metric": "kl", "mode": "min"}))
+    assert spec.objective.mode == "min"
+    assert parse_spec(spec.to_dict()).objective == spec.objective
+
+
+def test_iw_nll_objective_prunes_on_its_bound_and_needs_iw_samples() -> None:
+    data = _with("objective", {"metric": "iw_nll"})
+    assert parse_spec(data).objective.pruning_metric == "nll_elbo"
+    data["train"]["iw_samples"] = 0
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert str(info.value) == ("objective.metric: 'iw_nll' needs train.iw_samples > 0 (it is "
+                               "measured with K samples), got 0")
+
+
+def test_a_huge_grid_is_refused_before_it_is_expanded() -> None:
+    axes = {"n_cycles": list(range(1, 101)), "ratio": [i / 1000 for i in range(1001)],
+            "ramp": ["linear", "sigmoid", "cosine"], "beta_max": [0.5, 1.0]}
+    data = _with("schedule", axes)
+    data["train"]["total_steps"] = 1000
+    with pytest.raises(SpecError, match=r"schedule: the grid \(100 x 1001 x 3 x 2 x 2\) expands "
+                                         r"to more than 100,000 trials; .*, got 1201200"):
+        parse_spec(data)
