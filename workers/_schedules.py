@@ -115,6 +115,62 @@ def at_beta_max(step: int, *, total_steps: int, n_cycles: int, ratio: float) -> 
     return False
 
 
+def is_evaluation_step(step: int, *, total_steps: int, eval_every_steps: int) -> bool:
+    """True when the trainer evaluates after step t: multiples of the interval, and T."""
+    if eval_every_steps < 1:
+        raise ValueError(f"eval_every_steps must be at least 1, got {eval_every_steps}")
+    return 1 <= step <= total_steps and (step % eval_every_steps == 0 or step == total_steps)
+
+
+def last_evaluation_of_cycle(
+    step: int, *, total_steps: int, n_cycles: int, eval_every_steps: int
+) -> int | None:
+    """The last evaluation step inside the cycle that holds step t, or None when it has none.
+
+    A cycle is the run of steps ``c·P + 1 … min((c + 1)·P, T)`` with P = ⌈T/M⌉; evaluations
+    happen at multiples of ``eval_every_steps`` and at T.
+    """
+    _check_step(step, total_steps, n_cycles)
+    if eval_every_steps < 1:
+        raise ValueError(f"eval_every_steps must be at least 1, got {eval_every_steps}")
+    period = math.ceil(total_steps / n_cycles)
+    first = (step - 1) // period * period + 1
+    last = min(first + period - 1, total_steps)
+    if last == total_steps:
+        return total_steps
+    candidate = last // eval_every_steps * eval_every_steps
+    return candidate if candidate >= first else None
+
+
+def fixing_stage_eval(
+    step: int, *, total_steps: int, n_cycles: int, ratio: float, eval_every_steps: int
+) -> bool:
+    """Whether the evaluation after step t stands for its cycle's fixing stage.
+
+    True at every evaluation with β = β_max (:func:`at_beta_max`) and at the last evaluation
+    of each cycle. The fixing stage is a suffix of its cycle, so whenever a cycle holds an
+    evaluation at β = β_max its last evaluation is one of them; when it holds none (R = 1 or
+    near 1, an interval that does not divide ⌈T/M⌉, or the short last cycle that restarts at
+    β = 0) its last evaluation is the one closest to the end of the ramp and stands in for it.
+    So every cycle that holds an evaluation has a flagged one. False for a step that is not
+    an evaluation step (multiples of ``eval_every_steps``, and ``total_steps``).
+
+    Raises:
+        ValueError: for an argument outside the ranges of :func:`beta_at`, or
+            ``eval_every_steps`` < 1.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    last = last_evaluation_of_cycle(
+        step, total_steps=total_steps, n_cycles=n_cycles, eval_every_steps=eval_every_steps
+    )
+    if not is_evaluation_step(step, total_steps=total_steps, eval_every_steps=eval_every_steps):
+        return False
+    return step == last or at_beta_max(
+        step, total_steps=total_steps, n_cycles=n_cycles, ratio=ratio
+    )
+
+
 def is_cycle_end(step: int, *, total_steps: int, n_cycles: int) -> bool:
     """True when step t is the last step of its cycle (or of training)."""
     _check_step(step, total_steps, n_cycles)

@@ -14,7 +14,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers import RAMPS, at_beta_max, beta_at, cycle_position, is_cycle_end, lr_at, ramp_value
+from workers import (
+    RAMPS,
+    at_beta_max,
+    beta_at,
+    cycle_position,
+    fixing_stage_eval,
+    is_cycle_end,
+    is_evaluation_step,
+    last_evaluation_of_cycle,
+    lr_at,
+    ramp_value,
+)
 
 PROPERTY = settings(max_examples=100, deadline=None)
 
@@ -316,3 +327,108 @@ def test_lr_at_rejects_step_out_of_range(schedule):
 def test_lr_at_rejects_unknown_schedule():
     with pytest.raises(ValueError, match="got 'step'"):
         lr_at(1, lr=1e-3, schedule="step", total_steps=10, n_cycles=2)  # type: ignore[arg-type]
+
+
+# --- the fixing-stage flag on the evaluation grid ----------------------------------------------
+@st.composite
+def eval_grids(draw):
+    """(T, M, R, eval_every): intervals that often do not divide ⌈T/M⌉, R often 1 or near 1."""
+    s = draw(schedules(ratio=st.sampled_from([0.0, 0.25, 0.5, 0.9, 0.99, 1.0]) | st.floats(0, 1)))
+    every = draw(st.integers(1, s["total_steps"]) | st.integers(1, max(1, _period(s) * 2)))
+    return {"total_steps": s["total_steps"], "n_cycles": s["n_cycles"], "ratio": s["ratio"],
+            "eval_every_steps": min(every, s["total_steps"])}
+
+
+def _evaluations(g: dict) -> list[int]:
+    every, total = g["eval_every_steps"], g["total_steps"]
+    return sorted({*range(every, total + 1, every), total})
+
+
+def _cycles(g: dict) -> list[range]:
+    p = math.ceil(g["total_steps"] / g["n_cycles"])
+    return [range(a, min(a + p, g["total_steps"] + 1)) for a in range(1, g["total_steps"] + 1, p)]
+
+
+def _flag(t: int, g: dict) -> bool:
+    return fixing_stage_eval(t, **g)
+
+
+def _fixed(t: int, g: dict) -> bool:
+    return at_beta_max(t, total_steps=g["total_steps"], n_cycles=g["n_cycles"], ratio=g["ratio"])
+
+
+@PROPERTY
+@given(eval_grids())
+def test_every_cycle_with_an_evaluation_has_a_flagged_one(g):
+    evals = set(_evaluations(g))
+    for cycle in _cycles(g):
+        inside = [t for t in cycle if t in evals]
+        if inside:
+            assert any(_flag(t, g) for t in inside), (cycle, inside)
+
+
+@PROPERTY
+@given(eval_grids())
+def test_a_flagged_evaluation_is_at_beta_max_or_the_last_of_its_cycle(g):
+    evals = _evaluations(g)
+    for cycle in _cycles(g):
+        inside = [t for t in cycle if t in evals]
+        for t in inside:
+            if _flag(t, g):
+                assert _fixed(t, g) or t == inside[-1]
+            if _fixed(t, g):  # every evaluation at β = β_max is flagged
+                assert _flag(t, g)
+        if inside:
+            assert last_evaluation_of_cycle(inside[0], **{k: g[k] for k in (
+                "total_steps", "n_cycles", "eval_every_steps")}) == inside[-1]
+
+
+@PROPERTY
+@given(eval_grids())
+def test_steps_that_are_not_evaluations_are_never_flagged(g):
+    evals = set(_evaluations(g))
+    for t in range(1, g["total_steps"] + 1):
+        if t not in evals:
+            assert not _flag(t, g)
+            assert not is_evaluation_step(t, total_steps=g["total_steps"],
+                                          eval_every_steps=g["eval_every_steps"])
+
+
+@PROPERTY
+@given(eval_grids())
+def test_with_an_evaluation_in_the_fixing_stage_no_ramp_evaluation_is_flagged(g):
+    evals = _evaluations(g)
+    for cycle in _cycles(g):
+        inside = [t for t in cycle if t in evals]
+        if any(_fixed(t, g) for t in inside):
+            assert all(_flag(t, g) == _fixed(t, g) for t in inside)
+
+
+def test_fixing_stage_flag_when_the_interval_misses_cycle_ends():
+    # The issue's case: T 10000, M 8, R 1, eval every 200: P = 1250, cycle ends 1250, 2500, …
+    # mostly fall between evaluations; each cycle's last evaluation is flagged instead.
+    g = {"total_steps": 10_000, "n_cycles": 8, "ratio": 1.0, "eval_every_steps": 200}
+    flagged = [t for t in _evaluations(g) if _flag(t, g)]
+    assert flagged == [1200, 2400, 3600, 5000, 6200, 7400, 8600, 10_000]
+    # R = 0.5 on the same grid: every evaluation from the middle of a cycle on.
+    g["ratio"] = 0.5
+    first_cycle = [t for t in _evaluations(g) if _flag(t, g) and t <= 1250]
+    assert first_cycle == [800, 1000, 1200]  # τ(t) ≥ 0.5 ⇔ t − 1 ≥ 625
+
+
+def test_fixing_stage_flag_on_a_truncated_last_cycle():
+    # T = 10, M = 4, R = 0.5, eval every 5: cycles 1–3, 4–6, 7–9, 10. Step 5 (τ 0.4) is the
+    # last evaluation of cycle 2 and has none at β_max; step 10 restarts at β = 0 and is the
+    # only evaluation of the truncated cycle 4.
+    g = {"total_steps": 10, "n_cycles": 4, "ratio": 0.5, "eval_every_steps": 5}
+    assert [t for t in (5, 10) if _flag(t, g)] == [5, 10]
+    assert not _fixed(5, g) and not _fixed(10, g)
+
+
+def test_fixing_stage_eval_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"eval_every_steps must be at least 1, got 0"):
+        fixing_stage_eval(1, total_steps=10, n_cycles=1, ratio=0.5, eval_every_steps=0)
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\], got 2"):
+        fixing_stage_eval(1, total_steps=10, n_cycles=1, ratio=2, eval_every_steps=1)
+    with pytest.raises(ValueError, match=r"step must be in"):
+        fixing_stage_eval(11, total_steps=10, n_cycles=1, ratio=0.5, eval_every_steps=1)
