@@ -11,9 +11,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from _postgres import PostgresServer
 from _services import MlflowServer, RayCluster  # tests/ is on sys.path (rootdir conftest)
 
-SERVICE_FIXTURES = ("ray_cluster", "mlflow_server")
+SERVICE_FIXTURES = ("ray_cluster", "mlflow_server", "postgres")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,4 +54,12 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """An MLflow tracking server (sqlite backend, artifacts served) at `mlflow_server.uri`."""
     with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """PostgreSQL on 127.0.0.1 (throwaway data dir) with database `mlflow`, like the compose
+    stack's postgres service before its init script; `postgres.url(db)` for SQLAlchemy."""
+    with PostgresServer(tmp_path_factory.mktemp("postgres"), databases=("mlflow",)) as server:
         yield server
