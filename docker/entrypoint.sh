@@ -100,15 +100,19 @@ EOF
     echo "$copy"
 }
 
-study_args() {  # `klstudy run|submit` arguments for spec $2 of role $1, into the array ARGS
+study_args() {  # klstudy arguments of role $1 (driver: run, submit) for spec $2, into ARGS
     [[ -n $2 ]] || die "$1: no spec given, got ''"
     [[ -f $2 ]] || die "$1: spec file not found, got '$2'"
     local spec=$2
     if [[ -n ${KLSTUDY_OPTUNA_STORAGE:-} ]]; then
         spec=$(with_storage "$spec" "$KLSTUDY_OPTUNA_STORAGE")
     fi
-    ARGS=("$1" "$spec" --study-dir "$KLSTUDY_STUDY_DIR")
-    if [[ $1 == submit ]]; then ARGS+=(--address "${KLSTUDY_DASHBOARD_URL:-http://ray-head:8265}"); fi
+    if [[ $1 == submit ]]; then
+        ARGS=(submit "$spec" --address "${KLSTUDY_DASHBOARD_URL:-http://ray-head:8265}")
+    else
+        ARGS=(run "$spec")
+    fi
+    ARGS+=(--study-dir "$KLSTUDY_STUDY_DIR")
     if [[ -n ${MLFLOW_TRACKING_URI:-} ]]; then ARGS+=(--tracking-uri "$MLFLOW_TRACKING_URI"); fi
 }
 
@@ -131,7 +135,7 @@ run_driver() {
         echo "entrypoint.sh: study in $dir is '$status': resuming it"
         exec klstudy resume "$dir"
     fi
-    study_args run "$spec"
+    study_args driver "$spec"
     exec klstudy "${ARGS[@]}" "$@"
 }
 
