@@ -6,8 +6,23 @@ Imports neither ``study`` nor ``analysis``; Ray and MLflow appear only in ``work
 from __future__ import annotations
 
 from workers._config import MODEL_DEFAULTS, ConfigError, TrialConfig
-from workers._data import PTB_COUNTS, Batch, Corpus, DataError, Vocab, load_corpus, make_batch
-from workers._metrics import active_units, evaluate, importance_weighted_nll, mutual_information
+from workers._data import (
+    PTB_COUNTS,
+    Batch,
+    Corpus,
+    DataError,
+    Vocab,
+    fixed_subset,
+    load_corpus,
+    make_batch,
+)
+from workers._metrics import (
+    active_units,
+    aggregate_mutual_information,
+    evaluate,
+    importance_weighted_nll,
+    mutual_information,
+)
 from workers._models import ModelShape, SentenceVAE, gaussian_kl, log_normal, reparameterize
 from workers._records import (
     CONFIG_COLUMNS,
@@ -72,12 +87,14 @@ __all__ = [
     "TrialResult",
     "Vocab",
     "active_units",
+    "aggregate_mutual_information",
     "at_beta_max",
     "beta_at",
     "build_model",
     "cycle_position",
     "evaluate",
     "fixing_stage_eval",
+    "fixed_subset",
     "gaussian_kl",
     "importance_weighted_nll",
     "is_cycle_end",

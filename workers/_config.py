@@ -47,7 +47,7 @@ class TrialConfig:
     data: DataKind = "toy"
     data_path: str | None = None  # directory of train/valid/test text files, for data="text"
     max_train_sentences: int | None = None
-    max_length: int | None = None  # drop sentences longer than this many words
+    max_length: int | None = None  # words; longer *training* sentences are dropped
     # optimisation
     total_steps: int = 4000
     batch_size: int = 10
@@ -60,9 +60,12 @@ class TrialConfig:
     ramp: Literal["linear", "sigmoid", "cosine"] = "linear"
     beta_max: float = 1.0
     # evaluation
-    eval_every_steps: int = 200
-    eval_batch_size: int = 256  # also the batch over which MI's aggregate q(z) is formed
-    iw_samples: int = 500  # K of the importance-weighted NLL at the end; 0 skips it
+    eval_every_steps: int = 200  # steps between evaluations (and checkpoints); always at the end
+    eval_batch_size: int = 256  # sentences per evaluation batch (memory is bounded per pass)
+    # Intermediate evaluations use a fixed-seed subset of this many valid sentences (the same
+    # in every trial); the final one uses every sentence. None: every sentence every time.
+    eval_subset_sentences: int | None = 500
+    iw_samples: int = 100  # K of the final importance-weighted NLL; 0 skips it
     # execution
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -100,7 +103,7 @@ class TrialConfig:
             ("num_threads", self.num_threads >= 1, "must be at least 1"),
             *((name, getattr(self, name) is None or getattr(self, name) >= 1, "must be at least 1")
               for name in ("emb_dim", "hidden_dim", "latent_dim", "n_layers", "max_length",
-                           "max_train_sentences")),
+                           "max_train_sentences", "eval_subset_sentences")),
             ("dropout", self.dropout is None or 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
         ]
         for name, ok, message in rules:

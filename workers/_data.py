@@ -3,10 +3,16 @@
 Every data set becomes a :class:`Corpus` of token-id sentences. Training batches are a pure
 function of ``(seed, step)`` (no sampler state to checkpoint); padding is ``PAD_ID`` and is
 masked out of every loss and metric by the model.
+
+User text cannot produce a special id by accident: a literal ``<pad>``, ``<s>`` or ``</s>``
+in the text is an ordinary word, stored with a leading backslash (``\\<pad>``; a literal
+``\\<pad>`` becomes ``\\\\<pad>``, and so on, so no two spellings meet). A literal ``<unk>``
+is the unknown word, as in the Mikolov PTB files, which write rare words that way.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -17,13 +23,40 @@ import torch
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_ESCAPABLE = frozenset((PAD, BOS, EOS))
 SPLITS = ("train", "valid", "test")
 PTB_COUNTS = {"train": 42_068, "valid": 3_370, "test": 3_761}
 _SORT_POOL_BATCHES = 50  # training batches sorted by length together (less padding, still random)
+SUBSET_SEED = 20_190_602  # the fixed seed of every evaluation subset (the same in every trial)
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """A data source is missing or malformed."""
+
+
+def escape_token(token: str) -> str:
+    """A literal special token of user text as an ordinary word: ``<pad>`` → ``\\<pad>``.
+
+    Tokens that are a special after any number of leading backslashes get one more, so the
+    map is one-to-one; every other token (``<unk>`` included) is returned unchanged.
+    """
+    if token[-1:] != ">" or token.lstrip("\\") not in _ESCAPABLE:
+        return token
+    return "\\" + token
+
+
+def fixed_subset(n_total: int, n_max: int | None, *, seed: int = SUBSET_SEED) -> list[int]:
+    """Indices of a fixed-seed random subset of ``min(n_total, n_max)`` of ``range(n_total)``.
+
+    Sorted ascending; all indices when ``n_max`` is None or ≥ ``n_total``. The same arguments
+    always give the same subset (so every trial and every evaluation sees the same sentences).
+    """
+    if n_max is None or n_max >= n_total:
+        return list(range(n_total))
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_total, generator=gen)[:n_max].tolist())
 
 
 @dataclass(frozen=True)
@@ -34,7 +67,8 @@ class Vocab:
 
     @classmethod
     def build(cls, sentences: Sequence[Sequence[str]]) -> Vocab:
-        counts = Counter(tok for sent in sentences for tok in sent)
+        """Specials, then the words of ``sentences`` (escaped) by decreasing count, then A–Z."""
+        counts = Counter(escape_token(tok) for sent in sentences for tok in sent)
         specials = (PAD, UNK, BOS, EOS)
         words = sorted((t for t in counts if t not in specials), key=lambda t: (-counts[t], t))
         return cls(specials + tuple(words))
@@ -43,8 +77,9 @@ class Vocab:
         return len(self.tokens)
 
     def encode(self, sentence: Sequence[str]) -> list[int]:
+        """Ids of the words of user text: escaped specials are words, unknown words ``<unk>``."""
         index = self._index
-        return [index.get(tok, UNK_ID) for tok in sentence]
+        return [index.get(escape_token(tok), UNK_ID) for tok in sentence]
 
     def decode(self, ids: Sequence[int]) -> list[str]:
         return [self.tokens[i] for i in ids]
@@ -121,9 +156,17 @@ class Corpus:
             cache[key] = _plan_epoch(self.splits["train"], epoch=epoch, batch_size=batch_size, seed=seed)
         return cache[key]
 
-    def eval_batches(self, split: str, *, batch_size: int) -> Iterator[Batch]:
-        """Fixed, length-sorted batches of a split (deterministic, little padding)."""
-        sents = sorted(self.splits[split], key=len)
+    def eval_batches(
+        self, split: str, *, batch_size: int, max_sentences: int | None = None
+    ) -> Iterator[Batch]:
+        """Fixed, length-sorted batches of a split (deterministic, little padding).
+
+        With ``max_sentences``, only the fixed-seed subset :func:`fixed_subset` of that many
+        sentences (the same one every time).
+        """
+        split_sents = self.splits[split]
+        chosen = fixed_subset(len(split_sents), max_sentences)
+        sents = sorted((split_sents[i] for i in chosen), key=len)
         for start in range(0, len(sents), batch_size):
             yield make_batch(sents[start : start + batch_size])
 
@@ -140,26 +183,40 @@ def _plan_epoch(train: list[list[int]], *, epoch: int, batch_size: int, seed: in
     return [batches[i] for i in shuffled]
 
 
-def _tokenize(text: str, *, max_length: int | None) -> list[list[str]]:
-    sentences = [line.split() for line in text.splitlines()]
-    sentences = [s for s in sentences if s]
-    if max_length is not None:
-        sentences = [s for s in sentences if len(s) <= max_length]
-    return sentences
+def _tokenize(text: str) -> list[list[str]]:
+    return [words for words in (line.split() for line in text.splitlines()) if words]
 
 
 def corpus_from_texts(
     texts: dict[str, str], *, max_length: int | None = None, max_train_sentences: int | None = None
 ) -> Corpus:
-    """Build a corpus from the raw text of each split (one sentence per line)."""
-    tokenized = {split: _tokenize(texts[split], max_length=max_length) for split in SPLITS}
-    if max_train_sentences is not None:
-        tokenized["train"] = tokenized["train"][:max_train_sentences]
+    """Build a corpus from the raw text of each split (one sentence per line).
+
+    The vocabulary always comes from the whole train split. ``max_length`` (words) and then
+    ``max_train_sentences`` (the first N that remain) select the *training* sentences only:
+    valid and test keep every sentence, so their metrics stay comparable across settings
+    (and with published numbers, e.g. all 3,761 PTB test sentences).
+
+    Raises:
+        DataError: a split has no sentences (train: after ``max_length``).
+    """
+    tokenized = {split: _tokenize(texts[split]) for split in SPLITS}
     for split, sents in tokenized.items():
         if not sents:
-            raise DataError(f"data.{split}: no sentences (after max_length={max_length})")
+            raise DataError(f"data.{split}: no sentences")
     vocab = Vocab.build(tokenized["train"])
-    return Corpus(vocab, {split: [vocab.encode(s) for s in sents] for split, sents in tokenized.items()})
+    train = tokenized["train"]
+    if max_length is not None:
+        train = [s for s in train if len(s) <= max_length]
+        log.info("max_length=%d keeps %d of %d training sentences (valid and test: all)",
+                 max_length, len(train), len(tokenized["train"]))
+        if not train:
+            raise DataError(f"data.train: no sentences of at most max_length={max_length} words")
+    if max_train_sentences is not None:
+        train = train[:max_train_sentences]
+    tokenized["train"] = train
+    return Corpus(vocab, {split: [vocab.encode(s) for s in sents]
+                          for split, sents in tokenized.items()})
 
 
 def toy_texts() -> dict[str, str]:

@@ -22,18 +22,23 @@ import torch
 
 from workers._config import TrialConfig
 from workers._data import Corpus, load_corpus
-from workers._metrics import evaluate, importance_weighted_nll
+from workers._metrics import evaluate, importance_weighted_nll, perplexity
 from workers._models import ModelShape, SentenceVAE, gaussian_kl, reparameterize
-from workers._schedules import at_beta_max, beta_at, lr_at
+from workers._schedules import beta_at, fixing_stage_eval, lr_at
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 _CHECKPOINT_FORMAT = 1
-_MAX_LATENT_POINTS = 1000
-# Fields that may differ between a checkpoint and the config resuming it.
-_RESUMABLE_DIFFERENCES = {"device", "num_threads", "trial_id", "total_steps", "eval_every_steps"}
+_MAX_LATENT_POINTS = 1000  # 2-D latent scatter: a fixed-seed sample of this many valid sentences
+# The final IW-NLL decodes at most this share of training's T × B sentence rows (half on valid,
+# half on test): one evaluation row costs ~1/3 of a training row, so ≈ 8% of the training time.
+IW_ROW_SHARE = 0.25
+# Fields that may differ between a checkpoint and the config resuming it: they change neither
+# the training trajectory nor the schedules (total_steps does: it sets ⌈T/M⌉, so β(t), lr(t)).
+_RESUMABLE_DIFFERENCES = {"device", "num_threads", "trial_id", "eval_every_steps",
+                          "eval_batch_size", "eval_subset_sentences", "iw_samples"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,7 +55,10 @@ class Evaluation:
 
     ``train`` holds ``beta``/``lr`` at ``step`` and the interval means ``loss``/``rec``/``kl``;
     ``valid`` (and ``test`` when ``final``) the metrics of DESIGN §3. ``at_beta_max`` says
-    whether ``step`` is in a fixing stage of the β schedule (what schedule-aware pruning needs).
+    whether this evaluation stands for a fixing stage of the β schedule
+    (:func:`workers.fixing_stage_eval`: β = β_max, or the last evaluation of a cycle that has
+    none at β_max), what schedule-aware pruning needs. Intermediate ``valid`` metrics are over
+    the fixed-seed subset of ``eval_subset_sentences`` sentences, final ones over every sentence.
     """
 
     step: int
@@ -76,10 +84,15 @@ ReportFn = Callable[[Evaluation], "bool | None"]
 
 @dataclass
 class TrialResult:
+    """How a trial ended; ``*_s`` are wall seconds spent training, evaluating, checkpointing."""
+
     config: TrialConfig
     status: Literal["completed", "stopped"]
     step: int
     evaluations: list[Evaluation] = field(default_factory=list)
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    checkpoint_s: float = 0.0
 
     @property
     def final(self) -> dict[str, float]:
@@ -184,23 +197,43 @@ class _Trainer:
         gen.manual_seed(self.config.seed * 1_000_003 + self.step * 7 + salt)
         return gen
 
-    def _evaluate_split(self, split: str, *, with_iw: bool) -> dict[str, float]:
+    def _evaluate_split(self, split: str, *, final: bool) -> dict[str, float]:
+        """DESIGN §3 metrics of a split: intermediate ones on the fixed-seed subset of
+        ``eval_subset_sentences``, final ones on every sentence, plus the IW-NLL."""
         c = self.config
         metrics = evaluate(
             self.model,
-            self.corpus.eval_batches(split, batch_size=c.eval_batch_size),
+            self.corpus.eval_batches(split, batch_size=c.eval_batch_size,
+                                     max_sentences=None if final else c.eval_subset_sentences),
             device=self.device,
             generator=self._eval_generator(salt=1),
         )
-        if with_iw and c.iw_samples > 0:
-            metrics |= importance_weighted_nll(
-                self.model,
-                self.corpus.eval_batches(split, batch_size=c.eval_batch_size),
-                n_samples=c.iw_samples,
-                device=self.device,
-                generator=self._eval_generator(salt=2),
-            )
+        if final and c.iw_samples > 0:
+            metrics |= self._iw_nll(split, metrics)
         return metrics
+
+    def _iw_nll(self, split: str, metrics: dict[str, float]) -> dict[str, float]:
+        """iw_nll/iw_ppl of a whole split, within the IW budget (:func:`iw_sentences`).
+
+        On the whole split: the direct K-sample estimate. On a fixed-seed subset: the split's
+        −ELBO minus the subset's mean gap between its K-sample −ELBO and IW estimates (a
+        difference estimator: the gap varies far less between sentences than the NLL does).
+        """
+        c = self.config
+        n_split = self.corpus.n_sentences(split)
+        n_iw = iw_sentences(c, n_split)
+        iw = importance_weighted_nll(
+            self.model,
+            self.corpus.eval_batches(split, batch_size=c.eval_batch_size, max_sentences=n_iw),
+            n_samples=c.iw_samples,
+            device=self.device,
+            generator=self._eval_generator(salt=2),
+        )
+        if n_iw >= n_split:
+            return {"iw_nll": iw["iw_nll"], "iw_ppl": iw["iw_ppl"]}
+        nll = metrics["nll_elbo"] - iw["iw_gap"]
+        return {"iw_nll": nll,
+                "iw_ppl": perplexity(nll * n_split, self.corpus.n_predicted_tokens(split))}
 
     def evaluation(self, *, final: bool, checkpoint: Path | None) -> Evaluation:
         c, t = self.config, self.step
@@ -221,25 +254,25 @@ class _Trainer:
             latents=self._latent_means("valid") if c.latent_dim == 2 else None,
             step=t,
             train=train,
-            valid=self._evaluate_split("valid", with_iw=final),
-            test=self._evaluate_split("test", with_iw=True) if final else None,
+            valid=self._evaluate_split("valid", final=final),
+            test=self._evaluate_split("test", final=True) if final else None,
             final=final,
-            at_beta_max=at_beta_max(t, total_steps=c.total_steps, n_cycles=c.n_cycles, ratio=c.ratio),
+            at_beta_max=fixing_stage_eval(t, total_steps=c.total_steps, n_cycles=c.n_cycles,
+                                          ratio=c.ratio, eval_every_steps=c.eval_every_steps),
             checkpoint=checkpoint,
         )
 
     @torch.no_grad()
     def _latent_means(self, split: str) -> list[tuple[float, float]]:
-        """E_q[z|x] of up to ``_MAX_LATENT_POINTS`` sentences of a split (for 2-D scatter plots)."""
+        """E_q[z|x] of a fixed-seed random sample of ``_MAX_LATENT_POINTS`` sentences of a split
+        (all when fewer), the same sentences in the same order at every evaluation."""
         was_training = self.model.training
         self.model.eval()
-        means = []
-        for batch in self.corpus.eval_batches(split, batch_size=self.config.eval_batch_size):
-            means.append(self.model.encode(batch.to(self.device))[0].cpu())
-            if sum(len(m) for m in means) >= _MAX_LATENT_POINTS:
-                break
+        batches = self.corpus.eval_batches(split, batch_size=self.config.eval_batch_size,
+                                           max_sentences=_MAX_LATENT_POINTS)
+        means = [self.model.encode(batch.to(self.device))[0].cpu() for batch in batches]
         self.model.train(was_training)
-        return [tuple(row) for row in torch.cat(means)[:_MAX_LATENT_POINTS].tolist()]
+        return [tuple(row) for row in torch.cat(means).tolist()]
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, directory: Path) -> Path:
@@ -275,7 +308,21 @@ class _Trainer:
         self.step = int(state["step"])
 
 
+def iw_sentences(config: TrialConfig, n_split: int) -> int:
+    """Sentences of one split the final IW pass decodes, K times each: all of them when
+    ``n_split`` · K fits half of ``IW_ROW_SHARE`` · T · B, else a fixed-seed subset that fits
+    (at least one sentence)."""
+    budget_rows = IW_ROW_SHARE * config.total_steps * config.batch_size / 2
+    return max(1, min(n_split, int(budget_rows // max(1, config.iw_samples))))
+
+
 def _check_compatible(saved: TrialConfig, current: TrialConfig, file: Path) -> None:
+    if saved.total_steps != current.total_steps:
+        raise CheckpointError(
+            f"resume: total_steps must be the checkpoint's {saved.total_steps} (it sets the cycle "
+            f"length ⌈T/M⌉ and so β(t) and lr(t) of the remaining steps; {str(file)!r}), "
+            f"got {current.total_steps}"
+        )
     for f in dataclasses.fields(TrialConfig):
         if f.name in _RESUMABLE_DIFFERENCES:
             continue
@@ -285,6 +332,12 @@ def _check_compatible(saved: TrialConfig, current: TrialConfig, file: Path) -> N
                 f"resume: checkpoint {str(file)!r} was made with {f.name}={old!r}, "
                 f"the config asks for {new!r}"
             )
+
+
+def _add_elapsed(result: TrialResult, name: str, since: float) -> float:
+    now = time.perf_counter()
+    setattr(result, name, getattr(result, name) + now - since)
+    return now
 
 
 def train_trial(
@@ -320,18 +373,24 @@ def train_trial(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     result = TrialResult(config=config, status="completed", step=trainer.step)
     last_save = time.monotonic()
+    clock = time.perf_counter()
     for t in range(trainer.step + 1, config.total_steps + 1):
         trainer.train_step(t)
         final = t == config.total_steps
         if t % config.eval_every_steps and not final:
             continue
+        clock = _add_elapsed(result, "train_s", clock)
         saved = None
         if ckpt_dir is not None and (final or time.monotonic() - last_save >= checkpoint_every_s):
             saved, last_save = trainer.save(ckpt_dir), time.monotonic()
+            clock = _add_elapsed(result, "checkpoint_s", clock)
         evaluation = trainer.evaluation(final=final, checkpoint=saved)
+        clock = _add_elapsed(result, "eval_s", clock)
         result.evaluations.append(evaluation)
         log.info("trial %s step %d valid elbo %.4f", config.trial_id, t, evaluation.valid["elbo"])
-        if report is not None and report(evaluation) and not final:
+        stop = report is not None and report(evaluation) and not final
+        clock = time.perf_counter()  # the report's own time (e.g. logging) counts nowhere
+        if stop:
             result.status = "stopped"
             break
     result.step = trainer.step

@@ -211,16 +211,19 @@ def test_unknown_data_kind_is_a_data_error():
         load_corpus("yelp")
 
 
-def test_max_length_drops_longer_sentences_in_every_split(tmp_path):
-    texts = {"train": "a\na b\na b c\n", "valid": "a b c d\na b\n", "test": "b\n"}
+def test_max_length_drops_longer_sentences_from_train_only(tmp_path):
+    # Valid and test keep every sentence, so their metrics stay comparable whatever max_length.
+    texts = {"train": "a\na b\na b c\n", "valid": "a b c d\na b\n", "test": "b c a\n"}
     corpus = load_corpus("text", path=str(_write_splits(tmp_path, texts)), max_length=2)
     assert [len(s) for s in corpus.splits["train"]] == [1, 2]
-    assert [len(s) for s in corpus.splits["valid"]] == [2]
+    assert [len(s) for s in corpus.splits["valid"]] == [4, 2]
+    assert [len(s) for s in corpus.splits["test"]] == [3]
+    assert corpus.vocab.tokens == (*SPECIALS, "a", "b", "c")  # from the whole train split
 
 
-def test_max_length_that_empties_a_split_is_a_data_error(tmp_path):
-    texts = {"train": "a\n", "valid": "a b c\n", "test": "b\n"}
-    with pytest.raises(DataError, match=r"data\.valid: no sentences .*max_length=2"):
+def test_max_length_that_empties_train_is_a_data_error(tmp_path):
+    texts = {"train": "a b c\n", "valid": "a\n", "test": "b\n"}
+    with pytest.raises(DataError, match=r"data\.train: no sentences of at most max_length=2"):
         load_corpus("text", path=str(_write_splits(tmp_path, texts)), max_length=2)
 
 
@@ -229,6 +232,67 @@ def test_max_train_sentences_keeps_the_first_sentences(tmp_path):
     corpus = load_corpus("text", path=str(_write_splits(tmp_path, texts)), max_train_sentences=2)
     assert [corpus.vocab.decode(s) for s in corpus.splits["train"]] == [["a"], ["b", "b"]]
     assert corpus.n_sentences("valid") == 1
+
+
+def test_max_train_sentences_keeps_the_vocabulary_of_the_whole_train_split(tmp_path):
+    # Subsetting must not turn the words of the other training sentences into <unk>.
+    texts = {"train": "a\nb b\nc c c\nd\n", "valid": "d c\n", "test": "a\n"}
+    corpus = load_corpus("text", path=str(_write_splits(tmp_path, texts)), max_train_sentences=1)
+    assert corpus.vocab.tokens == (*SPECIALS, "c", "b", "a", "d")
+    assert UNK_ID not in corpus.splits["valid"][0]
+
+
+def test_max_length_then_max_train_sentences(tmp_path):
+    texts = {"train": "a b c\na\nb b\nc\n", "valid": "a\n", "test": "a\n"}
+    corpus = load_corpus("text", path=str(_write_splits(tmp_path, texts)), max_length=2,
+                         max_train_sentences=2)
+    assert [corpus.vocab.decode(s) for s in corpus.splits["train"]] == [["a"], ["b", "b"]]
+
+
+# --- special tokens in user text ---------------------------------------------------------------
+@pytest.mark.parametrize("literal", ["<pad>", "<s>", "</s>"])
+def test_a_literal_special_in_text_is_an_ordinary_word(tmp_path, literal):
+    texts = {"train": f"a {literal} b\n", "valid": f"{literal}\n", "test": "a\n"}
+    corpus = load_corpus("text", path=str(_write_splits(tmp_path, texts)))
+    word = "\\" + literal
+    assert corpus.vocab.tokens.count(literal) == 1  # only the special itself
+    assert word in corpus.vocab.tokens
+    ids = corpus.splits["train"][0]
+    assert ids[1] == corpus.vocab.tokens.index(word) and min(ids) >= len(SPECIALS)
+    assert corpus.vocab.decode(ids) == ["a", word, "b"]
+    assert corpus.n_predicted_tokens("train") == 4  # a, <pad>, b and </s>
+
+
+def test_escaping_is_one_to_one():
+    from workers._data import escape_token
+
+    assert escape_token("<pad>") == "\\<pad>"
+    assert escape_token("\\<pad>") == "\\\\<pad>"
+    assert escape_token("<unk>") == "<unk>"  # PTB's rare-word token stays the unknown word
+    unchanged = ["<padx>", "pad>", "\\x", ">"]
+    assert [escape_token(t) for t in unchanged] == unchanged
+    vocab = Vocab.build([["<pad>", "\\<pad>", "\\\\<pad>"]])
+    assert len(set(vocab.encode(["<pad>", "\\<pad>", "\\\\<pad>"]))) == 3
+
+
+# --- evaluation subsets ------------------------------------------------------------------------
+def test_fixed_subset_is_a_sorted_fixed_seed_sample():
+    from workers._data import fixed_subset
+
+    chosen = fixed_subset(1000, 100)
+    assert len(chosen) == 100 == len(set(chosen)) and chosen == sorted(chosen)
+    assert chosen == fixed_subset(1000, 100)  # the same every time
+    assert max(chosen) > 500  # a sample of the whole range, not the first 100
+    assert fixed_subset(10, 100) == fixed_subset(10, None) == list(range(10))
+
+
+def test_eval_batches_with_max_sentences_use_the_fixed_subset(text_corpus):
+    from workers._data import fixed_subset
+
+    batches = list(text_corpus.eval_batches("train", batch_size=4, max_sentences=7))
+    seen = sorted(s for b in batches for s in _sentences(b))
+    expected = sorted(tuple(text_corpus.splits["train"][i]) for i in fixed_subset(23, 7))
+    assert seen == expected
 
 
 # --- Penn Treebank -----------------------------------------------------------------------------

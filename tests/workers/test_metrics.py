@@ -81,16 +81,28 @@ def test_log_normal_matches_torch_distributions():
 
 # --- active units ------------------------------------------------------------------------------
 def test_active_units_counts_dimensions_with_variance_at_least_0_01():
-    # Two sentences with means ±a have (population) variance a² per dimension.
-    a = torch.tensor([0.02, 0.005, 0.0], dtype=torch.float64).sqrt()
+    # Two sentences with means ±a have unbiased variance (a² + a²)/(2 − 1) = 2a² per dimension.
+    a = torch.tensor([0.01, 0.0025, 0.0], dtype=torch.float64).sqrt()  # 2a² = 0.02, 0.005, 0
     means = torch.stack([a, -a])
     assert active_units(means) == 1
 
 
 def test_active_units_threshold_is_inclusive():
-    means = torch.tensor([[0.5], [-0.5]])  # variance exactly 0.25
-    assert active_units(means, threshold=0.25) == 1
-    assert active_units(means, threshold=0.2500001) == 0
+    means = torch.tensor([[0.5], [-0.5]], dtype=torch.float64)  # variance 2 · 0.25 = 0.5
+    assert active_units(means, threshold=0.5) == 1
+    assert active_units(means, threshold=0.5000001) == 0
+
+
+def test_active_units_divide_by_n_minus_one_on_the_toys_ten_sentences():
+    # He et al. (jxhe/vae-lagging-encoder) use the unbiased variance. Ten means, five at +a and
+    # five at −a: population variance a², unbiased a² · 10/9. With a² = 0.0095 the dimension is
+    # active (0.010556 ≥ 0.01) though its population variance (0.0095) is below the threshold.
+    a = math.sqrt(0.0095)
+    means = torch.tensor([[a], [-a]] * 5, dtype=torch.float64)
+    assert float(means.var(unbiased=False)) == pytest.approx(0.0095)
+    assert float(means.var(unbiased=True)) == pytest.approx(0.0095 * 10 / 9)
+    assert active_units(means) == 1
+    assert active_units(means * math.sqrt(0.0089 / 0.0095)) == 0  # 0.0089 · 10/9 = 0.00989
 
 
 def test_active_units_uses_variance_over_sentences():
@@ -270,8 +282,8 @@ def test_iw_nll_is_exact_when_the_posterior_is_the_prior(toy, n_samples):
         model.to_stats.bias.zero_()
     m = evaluate(model, _valid(toy), device=CPU, generator=_gen(0))
     iw = importance_weighted_nll(
-        model, _valid(toy), n_samples=n_samples, device=CPU, generator=_gen(1), samples_per_pass=3
-    )
+        model, _valid(toy), n_samples=n_samples, device=CPU, generator=_gen(1), budget_bytes=1
+    )  # one decoder row per pass
     assert m["kl"] == 0.0
     assert iw["iw_nll"] == pytest.approx(m["nll_elbo"], rel=1e-6)
     n_sent, n_tok = toy.n_sentences("valid"), toy.n_predicted_tokens("valid")
@@ -319,3 +331,162 @@ def test_rec_uses_more_posterior_samples_only_on_tiny_batches(batch_size, expect
     from workers._metrics import rec_samples
 
     assert rec_samples(batch_size) == expected
+
+
+# --- MI over a shuffled aggregate, not length-sorted batches -----------------------------------
+class _LengthEncoder(torch.nn.Module):
+    """A stand-in VAE whose posterior mean encodes the sentence length (and nothing else)."""
+
+    shape = ModelShape(vocab_size=8, emb_dim=1, hidden_dim=1, latent_dim=2, n_layers=1, dropout=0)
+
+    def encode(self, batch):
+        x = (batch.lengths.to(torch.float64) - 21.0) / 8.0
+        mu = torch.stack([x, torch.zeros_like(x)], dim=-1)
+        return mu, torch.full_like(mu, math.log(0.01))
+
+    def reconstruction_nll(self, batch, z):
+        return torch.zeros(z.shape[0], dtype=torch.float64)
+
+
+def _length_corpus(n: int, seed: int = 0) -> Corpus:
+    """n sentences with PTB-like lengths (gamma, mean ≈ 21 words, 1–82)."""
+    from workers import Vocab
+
+    gamma = torch.distributions.Gamma(torch.tensor(4.0), torch.tensor(1 / 5.2))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        lengths = gamma.sample((n,)).round().clamp(1, 82).long().tolist()
+    sents = [[4] * n_words for n_words in lengths]
+    return Corpus(Vocab(("<pad>", "<unk>", "<s>", "</s>", "w")), {"valid": sents})
+
+
+def test_mi_sees_what_z_says_about_length_unlike_sorted_batches():
+    # The issue's check: z encodes length. The mixture over each length-sorted batch of 256
+    # (the old estimator) holds near-identical posteriors and finds little MI; the mixture over
+    # the whole split is the reference; evaluate's estimate (over a fixed-seed 2,000 of the
+    # 3,000 sentences here) must be close to it.
+    corpus, model = _length_corpus(3000), _LengthEncoder()
+    batches = list(corpus.eval_batches("valid", batch_size=256))
+    mu, logvar = (torch.cat(t) for t in zip(*(model.encode(b) for b in batches), strict=True))
+    sample = lambda k, m, lv, s: m + torch.randn((k, *m.shape), generator=_gen(s),  # noqa: E731
+                                                 dtype=m.dtype) * (0.5 * lv).exp()
+    whole = mutual_information(mu, logvar, sample(4, mu, logvar, 0))
+    sorted_batches = statistics.fmean(
+        mutual_information(m, lv, sample(8, m, lv, i))
+        for i, (m, lv) in enumerate(model.encode(b) for b in batches)
+    )
+    ours = evaluate(model, corpus.eval_batches("valid", batch_size=256), device=CPU,
+                    generator=_gen(1))["mi"]
+    assert whole > 2.0
+    assert sorted_batches < 0.7 * whole
+    assert ours == pytest.approx(whole, abs=0.1)
+
+
+def test_mi_does_not_depend_on_the_evaluation_batch_size():
+    corpus, model = _length_corpus(600), _LengthEncoder()
+    values = [evaluate(model, corpus.eval_batches("valid", batch_size=b), device=CPU,
+                       generator=_gen(0))["mi"] for b in (16, 256, 600)]
+    # Rec takes more samples on small batches; MI draws from its own generator, seeded first.
+    assert values[0] == pytest.approx(values[1], abs=1e-9)
+    assert values[1] == pytest.approx(values[2], abs=1e-9)
+
+
+def test_aggregate_mi_uses_a_fixed_seed_subset_beyond_its_size(monkeypatch):
+    from workers._metrics import aggregate_mutual_information
+
+    mu = torch.randn(50, 3, generator=_gen(0), dtype=torch.float64)
+    logvar = torch.zeros_like(mu)
+    seen = []
+    import workers._metrics as metrics
+
+    real = metrics.mutual_information
+    monkeypatch.setattr(metrics, "mutual_information",
+                        lambda m, lv, z: seen.append(m.shape[0]) or real(m, lv, z))
+    a = aggregate_mutual_information(mu, logvar, generator=_gen(1), max_sentences=20)
+    b = aggregate_mutual_information(mu, logvar, generator=_gen(1), max_sentences=20)
+    assert seen == [20, 20] and a == b
+
+
+def test_mutual_information_in_chunks_matches_one_pass(monkeypatch):
+    import workers._metrics as metrics
+
+    mu = torch.randn(40, 3, generator=_gen(0), dtype=torch.float64)
+    logvar = torch.randn(40, 3, generator=_gen(1), dtype=torch.float64) * 0.3
+    z = mu + torch.randn(2, 40, 3, generator=_gen(2), dtype=torch.float64)
+    one_pass = mutual_information(mu, logvar, z)
+    monkeypatch.setattr(metrics, "_MI_CHUNK_ELEMENTS", 40 * 7)  # 7 samples per chunk
+    assert mutual_information(mu, logvar, z) == pytest.approx(one_pass, abs=1e-12)
+
+
+# --- decoding within a memory budget -----------------------------------------------------------
+def test_rows_per_pass_fits_the_logits_in_the_budget():
+    from workers._metrics import DECODE_BUDGET_BYTES, rows_per_pass
+
+    # The issue's PTB-sized case: an 82-token batch, a 28,284-word vocabulary, 128 MiB:
+    # one row of logits is 82 · 28,284 · 4 = 9,277,152 bytes, so 14 rows fit.
+    assert DECODE_BUDGET_BYTES == 128 * 2**20
+    assert rows_per_pass(82, 28_284) == 14
+    assert rows_per_pass(82, 28_284, budget_bytes=1) == 1
+
+
+class _CountingModel(SentenceVAE):
+    """Records the (rows, columns) of every decoder call."""
+
+    calls: list[tuple[int, int]]
+
+    def reconstruction_nll(self, batch, z):
+        self.calls.append((int(z.shape[0]), int(batch.tokens.shape[1])))
+        return super().reconstruction_nll(batch, z)
+
+
+def _counting_model(vocab_size: int) -> _CountingModel:
+    torch.manual_seed(0)
+    model = _CountingModel(ModelShape(vocab_size, 8, 16, 3, 1, dropout=0.5)).double()
+    model.calls = []
+    return model
+
+
+def _long_batch() -> list:
+    return [make_batch([[4 + (i * j) % 20 for j in range(3 + i % 9)] for i in range(12)])]
+
+
+def test_iw_nll_in_passes_equals_the_unchunked_computation():
+    model = _counting_model(30)
+    whole = importance_weighted_nll(model, _long_batch(), n_samples=9, device=CPU,
+                                    generator=_gen(3), budget_bytes=2**40)
+    assert model.calls == [(12 * 9, 13)]  # one pass: 108 rows, <s> + 11 words + </s>
+    model.calls = []
+    budget = 5 * 12 * 30 * 4  # 5 rows of 12 positions
+    chunked = importance_weighted_nll(model, _long_batch(), n_samples=9, device=CPU,
+                                      generator=_gen(3), budget_bytes=budget)
+    assert len(model.calls) == math.ceil(108 / 5) and max(r for r, _ in model.calls) == 5
+    assert any(cols < 13 for _, cols in model.calls)  # passes are cut to their longest row
+    assert chunked.keys() == whole.keys()
+    for key in whole:
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-12)
+
+
+def test_evaluate_in_passes_equals_the_unchunked_computation():
+    model = _counting_model(30)
+    whole = evaluate(model, _long_batch(), device=CPU, generator=_gen(4), budget_bytes=2**40)
+    calls_whole, model.calls = model.calls, []
+    chunked = evaluate(model, _long_batch(), device=CPU, generator=_gen(4), budget_bytes=1)
+    assert len(calls_whole) == 1 and len(model.calls) == 12 * 16  # rec: 16 samples of 12
+    for key in whole:
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-12)
+
+
+def test_a_literal_pad_in_text_is_counted_and_predicted_as_a_word(tmp_path):
+    # "a <pad> b": |x| = 4 predicted tokens (a, <pad>, b, </s>), none of them ignored. With all
+    # logits 0 each has probability 1/V, so −log p(x|z) = 4 log V.
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text("a <pad> b\n")
+    corpus = load_corpus("text", path=str(tmp_path))
+    batch = next(corpus.eval_batches("valid", batch_size=1))
+    assert int(batch.lengths[0]) == 4 and corpus.n_predicted_tokens("valid") == 4
+    model = _model(corpus).eval()
+    with torch.no_grad():
+        model.out.weight.zero_()
+        model.out.bias.zero_()
+        nll = model.reconstruction_nll(batch, torch.zeros(1, 2))
+    assert float(nll[0]) == pytest.approx(4 * math.log(len(corpus.vocab)), rel=1e-6)

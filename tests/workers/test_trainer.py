@@ -15,8 +15,9 @@ from workers import (
     Evaluation,
     NonFiniteLossError,
     TrialConfig,
-    at_beta_max,
     beta_at,
+    fixing_stage_eval,
+    load_corpus,
     train_trial,
 )
 
@@ -126,10 +127,19 @@ def test_checkpoint_is_on_disk_before_each_report(tmp_path):
     assert steps_on_disk == [10, 20, 25]
 
 
-def test_resume_may_extend_total_steps(tmp_path, checkpoint_20):
-    result = train_trial(_config(total_steps=50), resume_from=checkpoint_20)
-    assert [ev.step for ev in result.evaluations] == [30, 40, 50]
-    assert result.step == 50
+@pytest.mark.parametrize("total_steps", [50, 30])
+def test_resume_refuses_another_total_steps(checkpoint_20, total_steps):
+    # T sets the period ⌈T/M⌉: with T = 50 instead of 40, β(21) would be a ramp value where
+    # the checkpointed trial was in its fixing stage.
+    with pytest.raises(CheckpointError, match=rf"resume: total_steps must be the checkpoint's 40 "
+                                              rf".*β\(t\) and lr\(t\).*got {total_steps}$"):
+        train_trial(_config(total_steps=total_steps), resume_from=checkpoint_20)
+
+
+def test_resume_may_change_evaluation_settings(checkpoint_20):
+    config = _config(eval_every_steps=5, iw_samples=3, eval_batch_size=4, eval_subset_sentences=2)
+    result = train_trial(config, resume_from=checkpoint_20)
+    assert [ev.step for ev in result.evaluations] == [25, 30, 35, 40]
 
 
 @pytest.mark.parametrize(
@@ -164,7 +174,9 @@ def test_evaluations_log_the_schedule_of_their_step():
             ev.step, total_steps=25, n_cycles=3, ratio=0.75, ramp="cosine"
         )
         assert ev.train["lr"] == config.lr
-        assert ev.at_beta_max == at_beta_max(ev.step, total_steps=25, n_cycles=3, ratio=0.75)
+        assert ev.at_beta_max == fixing_stage_eval(
+            ev.step, total_steps=25, n_cycles=3, ratio=0.75, eval_every_steps=10
+        )
         assert {"loss", "rec", "kl"} <= ev.train.keys()
         assert all(math.isfinite(v) for v in ev.train.values())
 
@@ -254,3 +266,101 @@ def test_checkpoint_interval_in_seconds_still_checkpoints_the_final_step(tmp_pat
     train_trial(config, report=lambda ev: seen.append(ev.checkpoint), checkpoint_dir=tmp_path,
                 checkpoint_every_s=3600.0)
     assert seen[:-1] == [None, None] and seen[-1] == tmp_path
+
+
+def test_at_beta_max_flags_the_last_evaluation_of_cycles_that_miss_their_fixing_stage():
+    # R = 1, T = 25, M = 2: P = 13, cycles 1–13 and 14–25; evaluations 10, 20, 25. Step 13 is
+    # never evaluated, so step 10 stands for the first cycle and step 25 for the second.
+    evaluations = train_trial(_config(total_steps=25, ratio=1.0, iw_samples=0)).evaluations
+    assert [(ev.step, ev.at_beta_max) for ev in evaluations] == [(10, True), (20, False),
+                                                                 (25, True)]
+
+
+# --- evaluation cost ---------------------------------------------------------------------------
+def _text_corpus(tmp_path: Path, n_valid: int = 40):
+    lines = lambda n, w: "\n".join(" ".join([w] * (1 + i % 7)) for i in range(n)) + "\n"  # noqa: E731
+    for split, text in (("train", lines(30, "a b")), ("valid", lines(n_valid, "a")),
+                        ("test", lines(25, "b"))):
+        (tmp_path / f"{split}.txt").write_text(text)
+    return load_corpus("text", path=str(tmp_path))
+
+
+def test_intermediate_evaluations_use_the_valid_subset_and_the_final_one_every_sentence(tmp_path):
+    corpus = _text_corpus(tmp_path)
+    calls = []
+    real = corpus.eval_batches
+
+    def spy(split, *, batch_size, max_sentences=None):
+        calls.append((split, max_sentences))
+        return real(split, batch_size=batch_size, max_sentences=max_sentences)
+
+    object.__setattr__(corpus, "eval_batches", spy)
+    config = _config(data="text", data_path=str(tmp_path), total_steps=20, eval_subset_sentences=7,
+                     iw_samples=0, latent_dim=3)
+    train_trial(config, corpus=corpus)
+    assert calls == [("valid", 7), ("valid", None), ("test", None)]
+
+
+def test_iw_sentences_fit_the_budget():
+    from workers._trainer import IW_ROW_SHARE, iw_sentences
+
+    assert IW_ROW_SHARE == 0.25
+    # T 200, batch 32, K 50: 0.25 · 6,400 / 2 = 800 rows per split → 16 sentences.
+    assert iw_sentences(TrialConfig(total_steps=200, batch_size=32, iw_samples=50), 3076) == 16
+    # The paper's PTB run, K 500: 0.25 · 52,600 · 32 / 2 = 210,400 rows → 420 sentences.
+    config = TrialConfig(total_steps=52_600, batch_size=32, iw_samples=500)
+    assert iw_sentences(config, 3761) == 420
+    assert iw_sentences(TrialConfig(total_steps=1200, batch_size=10, iw_samples=50), 10) == 10
+    assert iw_sentences(TrialConfig(total_steps=1, batch_size=1, iw_samples=500), 10) == 1
+
+
+def test_iw_nll_on_a_subset_estimates_the_whole_split():
+    # q(z|x) = N(0, 9·I) for every x: the IW bound is > 4 nats below −ELBO. The trial's budget
+    # (T 320, batch 10, K 200: 0.25 · 3,200 / 2 / 200 = 2 sentences) covers 2 of the 10 toy
+    # sentences; the difference estimate must match the direct estimate over all 10.
+    from workers._metrics import evaluate, importance_weighted_nll
+    from workers._trainer import _Trainer, iw_sentences
+
+    config = _config(total_steps=320, iw_samples=200).resolved()
+    assert iw_sentences(config, 10) == 2
+    trainer = _Trainer(config, None)
+    with torch.no_grad():
+        trainer.model.to_stats.weight.zero_()
+        trainer.model.to_stats.bias.copy_(torch.tensor([0.0, 0.0, math.log(9.0), math.log(9.0)]))
+    metrics = trainer._evaluate_split("valid", final=True)
+    cpu = torch.device("cpu")
+    valid = lambda: trainer.corpus.eval_batches("valid", batch_size=10)  # noqa: E731
+    direct = importance_weighted_nll(trainer.model, valid(), n_samples=200, device=cpu,
+                                     generator=torch.Generator().manual_seed(9))
+    elbo = evaluate(trainer.model, valid(), device=cpu, generator=torch.Generator().manual_seed(9))
+    assert elbo["nll_elbo"] - direct["iw_nll"] > 4.0
+    assert metrics["iw_nll"] == pytest.approx(direct["iw_nll"], abs=0.5)
+    n_tok = trainer.corpus.n_predicted_tokens("valid")
+    assert metrics["iw_ppl"] == pytest.approx(math.exp(metrics["iw_nll"] * 10 / n_tok), rel=1e-9)
+
+
+def test_trial_result_splits_wall_time_into_training_evaluation_and_checkpoints(tmp_path):
+    result = train_trial(_config(total_steps=20), checkpoint_dir=tmp_path)
+    assert result.train_s > 0 and result.eval_s > 0 and result.checkpoint_s > 0
+    assert train_trial(_config(total_steps=20)).checkpoint_s == 0.0
+
+
+class _LengthMeans(torch.nn.Module):
+    """Posterior mean (length, 0): shows which sentences the latent scatter took."""
+
+    def encode(self, batch):
+        x = batch.lengths.to(torch.float32)
+        return torch.stack([x, torch.zeros_like(x)], dim=-1), torch.zeros(len(batch), 2)
+
+
+def test_latent_scatter_is_a_seeded_sample_not_the_shortest_sentences(tmp_path):
+    from workers._trainer import _Trainer
+
+    corpus = _text_corpus(tmp_path, n_valid=1400)  # lengths 1–7 words, 200 of each
+    trainer = _Trainer(_config(data="text", data_path=str(tmp_path)).resolved(), corpus)
+    trainer.model = _LengthMeans()
+    points = trainer._latent_means("valid")
+    lengths = [int(x) - 1 for x, _ in points]
+    assert len(points) == 1000
+    assert max(lengths) == 7 and 3.5 < sum(lengths) / 1000 < 4.5  # the split's mean is 4
+    assert points == trainer._latent_means("valid")  # the same sentences every evaluation
