@@ -8,6 +8,10 @@ from pathlib import Path
 
 from study._cli_base import UserError
 
+# A killed `klstudy train --out DIR` loses at most this much training (plus the final step is
+# always saved); a large text model's checkpoint takes ~1 s to write.
+_CHECKPOINT_EVERY_S = 30.0
+
 
 # --- klstudy train ----------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +28,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-schedule", choices=["constant", "cyclical_cosine"], default="constant")
     p.add_argument("--grad-clip", type=float, default=5.0)
-    p.add_argument("--eval-every", type=int, default=None, help="steps; default: total/20")
-    p.add_argument("--iw-samples", type=int, default=500, help="K of the final IW-NLL; 0 skips")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps; default: total/10 (intermediate ones on 500 valid sentences)")
+    p.add_argument("--iw-samples", type=int, default=100,
+                   help="K of the final IW-NLL (within a budget of T*batch/4 rows); 0 skips")
     p.add_argument("--max-train-sentences", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=1,
@@ -60,7 +66,7 @@ def _train_config(args: argparse.Namespace):  # -> TrialConfig
         ratio=args.ratio,
         ramp=args.ramp,
         beta_max=args.beta_max,
-        eval_every_steps=args.eval_every or max(1, args.total_steps // 20),
+        eval_every_steps=args.eval_every or max(1, args.total_steps // 10),
         eval_batch_size=256,
         iw_samples=args.iw_samples,
         seed=args.seed,
@@ -99,7 +105,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         history.append({"step": ev.step, **ev.flat()})
 
     try:
-        result = train_trial(config, report=report, checkpoint_dir=out, resume_from=args.resume)
+        result = train_trial(config, report=report, checkpoint_dir=out, resume_from=args.resume,
+                             checkpoint_every_s=_CHECKPOINT_EVERY_S)
     except (DataError, CheckpointError) as exc:
         raise UserError(str(exc)) from None
     if not result.evaluations:
@@ -111,6 +118,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         with open(out / "evaluations.jsonl", mode) as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
         (out / "final.json").write_text(json.dumps(final, indent=2))
+        timing = {"train_s": result.train_s, "eval_s": result.eval_s,
+                  "checkpoint_s": result.checkpoint_s}
+        (out / "timing.json").write_text(json.dumps(timing, indent=2))
     if args.json:
         print(json.dumps(final))
     return 0

@@ -92,6 +92,7 @@ def test_out_writes_checkpoint_config_evaluations_and_final(tmp_path, capsys):
         "config.json",
         "evaluations.jsonl",
         "final.json",
+        "timing.json",
     }
     assert json.loads((out / "final.json").read_text()) == printed
     rows = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
@@ -102,21 +103,56 @@ def test_out_writes_checkpoint_config_evaluations_and_final(tmp_path, capsys):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 25
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path, capsys):
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert _train("--out", str(first)) == 0
-    assert _train("--resume", str(first), "--out", str(second), "--json", total_steps=40) == 0
-    out = capsys.readouterr().out
-    assert FINAL_KEYS <= _last_json(out).keys()
-    rows = [json.loads(line) for line in (second / "evaluations.jsonl").read_text().splitlines()]
+def _checkpoint_at(step: int, run_dir, target):
+    """The checkpoint the run in ``run_dir`` had after ``step`` (same resolved config)."""
+    from workers import TrialConfig, train_trial
+
+    config = TrialConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    result = train_trial(config, checkpoint_dir=target, report=lambda ev: ev.step == step)
+    assert result.step == step
+    return target
+
+
+def test_resume_continues_bit_for_bit_from_the_checkpoint(tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train("--out", str(straight), "--json", total_steps=40) == 0
+    expected = _last_json(capsys.readouterr().out)
+    middle = _checkpoint_at(20, straight, tmp_path / "middle")
+    assert _train("--resume", str(middle), "--out", str(resumed), "--json", total_steps=40) == 0
+    assert _last_json(capsys.readouterr().out) == expected
+    rows = [json.loads(line) for line in (resumed / "evaluations.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [30, 40]  # steps 1–20 came from the checkpoint
-    assert torch.load(second / "checkpoint.pt", weights_only=True)["step"] == 40
+    assert torch.load(resumed / "checkpoint.pt", weights_only=True)["step"] == 40
+
+
+def test_resume_with_another_total_steps_is_a_user_error(tmp_path, capsys):
+    assert _train("--out", str(tmp_path)) == 0
+    capsys.readouterr()
+    assert _train("--resume", str(tmp_path), total_steps=40) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: resume: total_steps must be the checkpoint's 20 ")
+    assert lines[0].endswith("got 40")
+
+
+def test_out_records_where_the_time_went(tmp_path):
+    assert _train("--out", str(tmp_path)) == 0
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert timing.keys() == {"train_s", "eval_s", "checkpoint_s"}
+    assert timing["train_s"] > 0 and timing["eval_s"] > 0 and timing["checkpoint_s"] > 0
+
+
+def test_default_evaluation_interval_is_a_tenth_of_training(capsys):
+    assert _run(["--total-steps", "30", "--iw-samples", "0", "--threads", "1",
+                 "--device", "cpu"]) == 0
+    steps = [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert steps == [f"{3 * i}/30" for i in range(1, 11)]
 
 
 def test_resume_with_another_schedule_is_a_user_error(tmp_path, capsys):
     assert _train("--out", str(tmp_path)) == 0
     capsys.readouterr()
-    assert _train("--resume", str(tmp_path), "--n-cycles", "2", total_steps=40) == 2
+    assert _train("--resume", str(tmp_path), "--n-cycles", "2") == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: resume:") and "n_cycles" in lines[0]
 
