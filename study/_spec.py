@@ -151,9 +151,14 @@ class TrainSpec(_Section):
     lr: PosFloat = 1e-3  # Adam
     lr_schedule: LrSchedule = "constant"
     grad_clip: NonNegFloat = 5.0  # max global grad norm; 0 disables clipping
-    eval_every_steps: PosInt = 1  # absent: max(1, total_steps // 20), filled before validation
-    eval_batch_size: Annotated[int, Field(ge=2)] = 256  # also MI's aggregate-posterior batch
-    iw_samples: NonNegInt = 100  # K of the final importance-weighted NLL; 0 skips it
+    # Absent: max(1, total_steps // 10), filled before validation: 10 evaluations, the
+    # intermediate ones on a fixed-seed 500 valid sentences (workers.TrialConfig), so that
+    # evaluation stays a small share of a trial's time.
+    eval_every_steps: PosInt = 1
+    eval_batch_size: Annotated[int, Field(ge=2)] = 256  # sentences per evaluation batch
+    # K of the final importance-weighted NLL (valid and test; 0 skips it). Its sentences fit a
+    # budget of T × batch / 4 decoder rows: all of them, or a fixed-seed subset.
+    iw_samples: NonNegInt = 100
 
     @model_validator(mode="before")
     @classmethod
@@ -163,7 +168,7 @@ class TrainSpec(_Section):
         total = data.get("total_steps")
         if type(total) is not int:  # invalid: total_steps' own error is reported
             return data
-        return {**data, "eval_every_steps": max(1, total // 20)}
+        return {**data, "eval_every_steps": max(1, total // 10)}
 
     @model_validator(mode="after")
     def _eval_within_training(self) -> TrainSpec:

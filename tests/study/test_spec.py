@@ -111,7 +111,7 @@ def test_a_scalar_is_a_one_value_axis() -> None:
 def test_defaults_are_filled() -> None:
     spec = parse_spec(_valid())
     t = spec.train
-    assert (t.batch_size, t.eval_every_steps, t.iw_samples, t.lr) == (10, 5, 100, 1e-3)
+    assert (t.batch_size, t.eval_every_steps, t.iw_samples, t.lr) == (10, 10, 100, 1e-3)
     assert spec.schedule.ramp == ("linear",) and spec.schedule.beta_max == (1.0,)
     assert spec.search.kind == "grid" and spec.pruning.pruner == "median"
 
