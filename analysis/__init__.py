@@ -7,30 +7,34 @@ Data flows one way: the study driver writes Parquet and MLflow; this package rea
 from __future__ import annotations
 
 from analysis._figures import (
-    METRIC_STYLES,
     CurveSpec,
     curves_figure,
     cycle_boundaries,
-    heatmap_figure,
     latent_figure,
     pick_curve_configs,
     pruning_figure,
 )
+from analysis._heatmap import METRIC_STYLES, heatmap_figure
 from analysis._load import ReportError, StudyData, best_rows, final_rows, load_study
 from analysis._mlflow_load import load_from_mlflow
+from analysis._noise import Objective, colour_limits, objective_of, versus_best
+from analysis._rd import rate_distortion_figure
 from analysis._report import ReportResult, build_report
-from analysis._stats import config_table, mean_ci, paired_vs_monotonic, summary_lines
+from analysis._stats import config_table, mean_ci, paired_vs_monotonic
+from analysis._summary import summary_lines
 from analysis._synthetic import write_synthetic_study
 from analysis._ui import experiment_url, serve_ui, stop_ui, ui_command, ui_url, wait_for_health
 
 __all__ = [
     "METRIC_STYLES",
     "CurveSpec",
+    "Objective",
     "ReportError",
     "ReportResult",
     "StudyData",
     "best_rows",
     "build_report",
+    "colour_limits",
     "config_table",
     "curves_figure",
     "cycle_boundaries",
@@ -41,14 +45,17 @@ __all__ = [
     "load_from_mlflow",
     "load_study",
     "mean_ci",
+    "objective_of",
     "paired_vs_monotonic",
     "pick_curve_configs",
     "pruning_figure",
+    "rate_distortion_figure",
     "serve_ui",
     "stop_ui",
     "summary_lines",
     "ui_command",
     "ui_url",
+    "versus_best",
     "wait_for_health",
     "write_synthetic_study",
 ]

@@ -1,5 +1,6 @@
-"""The report's figures: heatmaps over M × R, learning curves, latent maps, the pruning timeline.
+"""The report's figures: learning curves, latent maps, the pruning timeline.
 
+Heatmaps are in ``analysis._heatmap``, the rate–distortion plane in ``analysis._rd``.
 Every function is a pure function of DataFrames (the shapes of ``analysis._load`` and
 ``analysis._stats``) and returns a :class:`matplotlib.figure.Figure`; nothing is shown or saved
 here. Figures are built without pyplot, so no global figure registry grows.
@@ -23,158 +24,9 @@ from matplotlib.colors import BoundaryNorm, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
 
-from workers._schedules import RAMPS, beta_at  # noqa: E402
-
-GRID_COLUMNS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max")
-
-
-@dataclass(frozen=True)
-class MetricStyle:
-    label: str
-    higher_is_better: bool
-    direction: str  # what the bright end of the colour scale means, for colourbar and caption
-
-
-# The bright (yellow) end of every scale is the "better" end, in every panel of a metric.
-# KL is not better or worse by itself; bright = higher KL = more use of the latent code.
-METRIC_STYLES: dict[str, MetricStyle] = {
-    "elbo": MetricStyle("ELBO", True, "bright = higher ELBO (better)"),
-    "rec": MetricStyle("Rec = −log p(x|z)", False, "bright = lower Rec (better)"),
-    "kl": MetricStyle("KL(q(z|x) ‖ p(z))", True, "bright = higher KL (more latent use)"),
-    "mi": MetricStyle("MI I_q(z; x)", True, "bright = higher MI (better)"),
-    "au": MetricStyle("active units", True, "bright = more active units (better)"),
-}
-_PRUNED_FACE, _PRUNED_EDGE = "#d9d9d9", "#8c8c8c"
-
-
-def _style(metric: str) -> MetricStyle:
-    return METRIC_STYLES.get(metric, MetricStyle(metric, True, f"bright = higher {metric}"))
-
-
-def _ramp_order(ramps: Sequence[str]) -> list[str]:
-    known = [r for r in RAMPS if r in set(ramps)]
-    return known + sorted(set(ramps) - set(known))
-
-
-def _decimals(values: np.ndarray) -> int:
-    """Enough decimals to tell the cells of one figure apart: 1 to 3."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 2
-    span = float(finite.max() - finite.min()) or float(np.abs(finite).max()) or 1.0
-    return int(np.clip(1 - math.floor(math.log10(span)), 1, 3))
-
-
-def _text_colour(rgba: tuple[float, ...]) -> str:
-    luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-    return "black" if luminance > 0.5 else "white"
-
-
-def _cell_label(row: pd.Series, metric: str, decimals: int) -> str:
-    n = int(row.get(f"{metric}_n", 0) or 0)
-    mean, ci = row[f"{metric}_mean"], row.get(f"{metric}_ci", math.nan)
-    if n > 1 and np.isfinite(ci):
-        ci_decimals = max(decimals, min(3, -math.floor(math.log10(ci)))) if ci > 0 else decimals
-        spread = f"±{ci:.{ci_decimals}f}"  # at least one significant digit of the CI
-    else:
-        spread = f"n={n}"
-    label = f"{mean:.{decimals}f}\n{spread}"
-    n_pruned = int(row.get("n_pruned", 0) or 0)
-    return label + (f"\n{n_pruned} pruned" if n_pruned else "")
-
-
-def _status_note(row: pd.Series) -> str:
-    """Why a cell has no value: its trials' counts by status ("1 error\n2 running")."""
-    n_seeds = int(row.get("n_seeds", 0) or 0)
-    counts = {k: int(row.get(f"n_{k}", 0) or 0) for k in ("completed", "pruned", "error")}
-    counts["running"] = n_seeds - sum(counts.values())
-    return "\n".join(f"{n} {k}" for k, n in counts.items() if n > 0 and k != "completed")
-
-
-def _all_pruned(row: pd.Series) -> bool:
-    n_seeds, n_pruned = int(row.get("n_seeds", 0) or 0), int(row.get("n_pruned", 0) or 0)
-    return n_seeds > 0 and n_pruned >= n_seeds
-
-
-def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None) -> Figure:
-    """Mean ``metric`` per configuration over M (x) × R (y): one panel per ramp (rows) × β_max.
-
-    Args:
-        table: ``analysis.config_table`` output — one row per (n_cycles, ratio, ramp, beta_max)
-            with ``<metric>_mean``, ``<metric>_ci``, ``<metric>_n``, ``n_seeds``, ``n_pruned``.
-        metric: one of ``METRIC_STYLES`` (others get a plain higher-is-brighter scale).
-        title: the figure title; default the metric's label.
-
-    Returns:
-        The figure. Cells show "mean\\n±CI" (or "n=1") and how many seeds were pruned; cells
-        whose trials were all pruned are grey, hatched and labelled "pruned"; cells with trials
-        but no completed one (yet) are light grey with their trials' statuses; configurations
-        without a trial stay blank. The colour scale is shared by all panels and its bright end
-        is the better end.
-
-    Raises:
-        ValueError: when ``table`` is empty or lacks the metric's columns.
-    """
-    missing = {*GRID_COLUMNS, f"{metric}_mean"} - set(table.columns)
-    if table.empty or missing:
-        raise ValueError(f"heatmap of {metric!r}: no rows or missing columns {sorted(missing)}")
-    style = _style(metric)
-    ms, rs = sorted(table["n_cycles"].unique()), sorted(table["ratio"].unique())
-    ramps, betas = _ramp_order(list(table["ramp"].unique())), sorted(table["beta_max"].unique())
-    values = table[f"{metric}_mean"].to_numpy(dtype=float)
-    shown = values[np.isfinite(values) & ~table.apply(_all_pruned, axis=1).to_numpy(bool)]
-    lo, hi = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    norm = Normalize(lo, hi)
-    cmap = colormaps["viridis" if style.higher_is_better else "viridis_r"]
-    cmap = cmap.with_extremes(bad="white")  # cells without a value
-    decimals = _decimals(shown)
-    fig = Figure(figsize=(len(betas) * (0.95 * len(ms) + 1.3) + 1.2,
-                          len(ramps) * (0.62 * len(rs) + 1.0) + 0.6), layout="constrained")
-    axes = fig.subplots(len(ramps), len(betas), squeeze=False)
-    for i, ramp in enumerate(ramps):
-        for j, beta_max in enumerate(betas):
-            panel = table[(table["ramp"] == ramp) & np.isclose(table["beta_max"], beta_max)]
-            _heatmap_panel(axes[i, j], panel, metric, ms, rs, norm, cmap, decimals)
-            axes[i, j].set_title(f"ramp {ramp}, β_max = {beta_max:g}", fontsize=9)
-    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.9, aspect=30)
-    bar.set_label(f"{style.label} — {style.direction}", fontsize=8)
-    if not style.higher_is_better:
-        bar.ax.invert_yaxis()  # bright (better) on top, as for every other metric
-    fig.suptitle(title or style.label, fontsize=11)
-    return fig
-
-
-def _heatmap_panel(ax, panel: pd.DataFrame, metric: str, ms: list, rs: list, norm: Normalize,
-                   cmap, decimals: int) -> None:
-    grid = np.full((len(rs), len(ms)), np.nan)
-    for _, row in panel.iterrows():
-        y, x = rs.index(row["ratio"]), ms.index(row["n_cycles"])
-        mean = float(row[f"{metric}_mean"])
-        if _all_pruned(row):
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=_PRUNED_FACE,
-                                   edgecolor=_PRUNED_EDGE, hatch="///", linewidth=0, zorder=2))
-            ax.text(x, y, "pruned", ha="center", va="center", fontsize=7, zorder=3,
-                    bbox={"facecolor": _PRUNED_FACE, "edgecolor": "none", "pad": 1})
-        elif np.isfinite(mean):
-            grid[y, x] = mean
-            ax.text(x, y, _cell_label(row, metric, decimals), ha="center", va="center",
-                    fontsize=7, linespacing=1.1, color=_text_colour(cmap(norm(mean))), zorder=3)
-        elif note := _status_note(row):  # trials, but none completed (yet)
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor="#f0f0f0", linewidth=0,
-                                   zorder=2))
-            ax.text(x, y, note, ha="center", va="center", fontsize=7, color="0.35", zorder=3)
-    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="lower", aspect="auto",
-              extent=(-0.5, len(ms) - 0.5, -0.5, len(rs) - 0.5))
-    ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms], fontsize=8)
-    ax.set_yticks(range(len(rs)), [f"{r:g}" for r in rs], fontsize=8)
-    ax.set_xlabel("M (cycles)", fontsize=8)
-    ax.set_ylabel("R (ramp ratio)", fontsize=8)
-    ax.set_label("heatmap")
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+from analysis._heatmap import all_pruned  # noqa: E402
+from analysis._noise import Mode  # noqa: E402
+from workers._schedules import beta_at  # noqa: E402
 
 
 # --- learning curves ---------------------------------------------------------------------
@@ -189,14 +41,20 @@ class CurveSpec:
     beta_max: float
 
 
-def _best_row(table: pd.DataFrame, mask: pd.Series, metric: str) -> pd.Series | None:
-    rows = table[mask & ~table.apply(_all_pruned, axis=1) & table[f"{metric}_mean"].notna()]
-    return None if rows.empty else rows.loc[rows[f"{metric}_mean"].idxmax()]
+def _best_row(table: pd.DataFrame, mask: pd.Series, metric: str,
+              mode: Mode) -> pd.Series | None:
+    rows = table[mask & ~table.apply(all_pruned, axis=1) & table[f"{metric}_mean"].notna()]
+    if rows.empty:
+        return None
+    means = rows[f"{metric}_mean"]
+    return rows.loc[means.idxmax() if mode == "max" else means.idxmin()]
 
 
-def pick_curve_configs(table: pd.DataFrame, *, metric: str = "elbo") -> list[CurveSpec]:
+def pick_curve_configs(table: pd.DataFrame, *, metric: str = "elbo",
+                       mode: Mode = "max") -> list[CurveSpec]:
     """Best cyclical (M > 1, R > 0), best monotonic (M = 1, R > 0) and best constant (R = 0)
-    configuration by mean final ``metric`` (higher is better), each when present."""
+    configuration by mean final ``metric`` (the highest for ``mode="max"``, else the lowest),
+    each when present."""
     if table.empty:
         return []
     groups = (("cyclical", (table["n_cycles"] > 1) & (table["ratio"] > 0)),
@@ -204,7 +62,7 @@ def pick_curve_configs(table: pd.DataFrame, *, metric: str = "elbo") -> list[Cur
               ("constant", table["ratio"] == 0))
     specs = []
     for kind, mask in groups:
-        row = _best_row(table, mask, metric)
+        row = _best_row(table, mask, metric, mode)
         if row is not None:
             label = (f"{kind}: M={int(row['n_cycles'])} R={row['ratio']:g} {row['ramp']} "
                      f"β_max={row['beta_max']:g}" if kind != "constant"

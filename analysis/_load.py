@@ -235,11 +235,13 @@ def final_rows(data: StudyData, *, split: str = "valid") -> pd.DataFrame:
     return _per_trial(data, split, ev.groupby("trial_id", sort=False)["step"].idxmax())
 
 
-def best_rows(data: StudyData, *, metric: str = "elbo", split: str = "valid") -> pd.DataFrame:
+def best_rows(data: StudyData, *, metric: str = "elbo", split: str = "valid",
+              mode: Literal["max", "min"] | None = None) -> pd.DataFrame:
     """One row per trial: its evaluation on ``split`` with the best ``metric`` (earliest on ties).
 
-    Best is the maximum for elbo, mi and au, the minimum for rec, kl, loss, nll_elbo, ppl,
-    iw_nll and iw_ppl; trials without a finite value give a NaN row as in :func:`final_rows`.
+    Best is the maximum (``mode="max"``) or the minimum; by default the maximum for elbo, mi
+    and au, the minimum for rec, kl, loss, nll_elbo, ppl, iw_nll and iw_ppl. Trials without a
+    finite value give a NaN row as in :func:`final_rows`.
     """
     _check_split(split)
     if metric not in _HIGHER_IS_BETTER | _LOWER_IS_BETTER:
@@ -248,5 +250,6 @@ def best_rows(data: StudyData, *, metric: str = "elbo", split: str = "valid") ->
     ev = data.evaluations
     ev = ev[(ev["split"] == split) & ev[metric].notna()]
     grouped = ev.groupby("trial_id", sort=False)[metric]
-    pick = grouped.idxmax() if metric in _HIGHER_IS_BETTER else grouped.idxmin()
+    highest = metric in _HIGHER_IS_BETTER if mode is None else mode == "max"
+    pick = grouped.idxmax() if highest else grouped.idxmin()
     return _per_trial(data, split, pick)

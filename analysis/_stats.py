@@ -20,8 +20,6 @@ PAIRED_COLUMNS: tuple[str, ...] = (*CONFIG_KEYS, "metric", "n_pairs", "mean_diff
                                    "ci_high", "p_value", "p_wilcoxon", "note")
 MIN_WILCOXON_PAIRS = 6
 TOO_FEW_SEEDS = "too few seeds"
-_METRIC_NAMES = {"elbo": "ELBO", "rec": "Rec", "kl": "KL", "mi": "MI", "au": "AU", "ppl": "PPL",
-                 "nll_elbo": "NLL", "iw_nll": "IW-NLL", "iw_ppl": "IW-PPL"}
 
 
 def mean_ci(values: Iterable[float], *, confidence: float = 0.95) -> tuple[float, float, int]:
@@ -130,81 +128,3 @@ def paired_vs_monotonic(finals: pd.DataFrame,
             diffs = (group[metric] - group[f"{metric}_mono"]).dropna().to_numpy(float)
             rows.append({**config._asdict(), "metric": metric, **_paired_row(diffs)})
     return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
-
-
-# --- plain-language summary ------------------------------------------------------------------
-def _decimals(half: float) -> int:
-    """Decimals that show two significant digits of the CI (2 when there is none)."""
-    if not math.isfinite(half) or half <= 0:
-        return 2
-    return int(min(6, max(0, 1 - math.floor(math.log10(half)))))
-
-
-def _pm(mean: float, half: float, *, signed: bool = False) -> str:
-    d = _decimals(half)
-    text = f"{mean:+.{d}f}" if signed else f"{mean:.{d}f}"
-    if math.isfinite(half):
-        text += f" ± {half:.{d}f}"
-    return text.replace("-", "−")
-
-
-def _config_text(row: pd.Series | dict) -> str:
-    return f"M={row['n_cycles']}, R={row['ratio']:g} ({row['ramp']}, β_max={row['beta_max']:g})"
-
-
-def _best_line(table: pd.DataFrame) -> str | None:
-    scored = table[table["elbo_n"] > 0]
-    if scored.empty:
-        return None
-    best = scored.loc[scored["elbo_mean"].idxmax()]
-    n = int(best["elbo_n"])
-    value = _pm(best["elbo_mean"], best["elbo_ci"])
-    seeds = f"over {n} seeds" if n > 1 else "1 seed: too few seeds for a CI"
-    return f"Best M and R for validation ELBO: {_config_text(best)}: {value} ({seeds})"
-
-
-def _comparison_line(table: pd.DataFrame, paired: pd.DataFrame) -> str:
-    if paired.empty:
-        return ("No cyclical-vs-monotonic comparison: the study needs completed trials at M=1 and "
-                "M>1 with the same R, ramp and β_max.")
-    # the best cyclical config by mean ELBO, preferring those with enough pairs for a test
-    elbo = paired[paired["metric"] == "elbo"].merge(table, on=list(CONFIG_KEYS))
-    elbo = elbo.assign(_testable=elbo["n_pairs"] >= 2, _score=elbo["elbo_mean"].fillna(-np.inf))
-    top = elbo.sort_values(["_testable", "_score"], ascending=False, kind="stable").iloc[0]
-    same = paired[(paired[list(CONFIG_KEYS)] == top[list(CONFIG_KEYS)]).all(axis=1)]
-    head = (f"Cyclical vs monotonic (M={top['n_cycles']} vs M=1, R={top['ratio']:g}, "
-            f"{top['ramp']}, β_max={top['beta_max']:g})")
-    n = int(top["n_pairs"])
-    if n < 2:
-        return f"{head}: too few seeds for a claim (n={n})"
-    parts = [f"{_METRIC_NAMES.get(r['metric'], r['metric'])} "
-             f"{_pm(r['mean_diff'], r['ci'], signed=True)}" for _, r in same.iterrows()]
-    p = top["p_value"]
-    p_text = f"ELBO p={p:.2g}" if math.isfinite(p) else "ELBO p n/a"
-    return f"{head}: {', '.join(parts)} (paired over {n} seeds, {p_text})"
-
-
-def _counts_line(finals: pd.DataFrame) -> str:
-    status = finals["status"].value_counts()
-    text = (f"{len(finals)} trials: {status.get('completed', 0)} completed, "
-            f"{status.get('pruned', 0)} pruned, {status.get('error', 0)} failed")
-    unfinished = int(status.get("running", 0) + status.get("pending", 0))
-    return text + (f", {unfinished} still running or pending" if unfinished else "")
-
-
-def summary_lines(finals: pd.DataFrame) -> list[str]:
-    """A few plain-language lines for the top of the report.
-
-    The best config by mean validation ELBO (with its CI and seed count), the comparison of the
-    best cyclical config with its monotonic baseline (differences of Rec, KL, ELBO with CIs and
-    the ELBO paired-test p; "too few seeds for a claim" below 2 pairs), and the trial counts.
-    """
-    if finals.empty:
-        return ["No trials yet."]
-    table = config_table(finals)
-    lines = [line for line in (_best_line(table),) if line]
-    if not lines:
-        lines.append("No completed trial yet: no best configuration.")
-    lines.append(_comparison_line(table, paired_vs_monotonic(finals)))
-    lines.append(_counts_line(finals))
-    return lines

@@ -71,6 +71,7 @@ def write_synthetic_study(
     n_running: int = 0,
     p_pruned: float = 0.15,
     p_error: float = 0.02,
+    spec: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a synthetic study directory and, with ``tracking_uri``, the same data to MLflow.
 
@@ -86,6 +87,7 @@ def write_synthetic_study(
         n_running: the last this many trials are still running (half their evaluations), and the
             study is marked running.
         p_pruned, p_error: chances that a trial was pruned / failed part-way.
+        spec: extra keys of the spec recorded in study.json (e.g. ``objective``, ``pruning``).
     """
     if n_trials < 1 or n_evals < 1:
         raise ValueError(f"n_trials and n_evals must be at least 1, got {n_trials=}, {n_evals=}")
@@ -101,7 +103,7 @@ def write_synthetic_study(
     _write_parquet(root, name, trials, run_ids[0])
     meta = {
         "name": name, "spec": {"name": name, "schedule": {k: list(v) for k, v in grid.items()},
-                               "synthetic": True},
+                               "synthetic": True, **(spec or {})},
         "tracking_uri": tracking_uri, "experiment_name": name, "experiment_id": run_ids[2],
         "parent_run_id": run_ids[1], "status": "running" if n_running else "finished",
         "n_trials": n_trials, "started_at": "2026-01-01T00:00:00+00:00",

@@ -44,7 +44,8 @@ from _common import command_line, environment_line, markdown_table, write_output
 from analysis import _load, _mlflow_load
 from analysis._load import final_rows, load_study
 from analysis._mlflow_load import load_from_mlflow
-from analysis._stats import config_table, paired_vs_monotonic, summary_lines
+from analysis._stats import config_table, paired_vs_monotonic
+from analysis._summary import summary_lines
 from analysis._synthetic import write_synthetic_study
 
 NAME = "bench"

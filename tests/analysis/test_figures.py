@@ -16,11 +16,11 @@ from analysis._figures import (
     CurveSpec,
     curves_figure,
     cycle_boundaries,
-    heatmap_figure,
     latent_figure,
     pick_curve_configs,
     pruning_figure,
 )
+from analysis._heatmap import heatmap_figure
 from workers._records import EVAL_COLUMNS, LATENT_COLUMNS, TRIAL_COLUMNS
 
 
@@ -83,7 +83,7 @@ def test_heatmap_annotates_partially_pruned_cells_with_the_count():
 def test_heatmap_cell_shows_mean_and_ci_or_n(n_pruned, spread):
     table = config_table(ms=(1,), rs=(0.5,), pruned={(1, 0.5): n_pruned})
     (label,) = texts(heatmap_figure(table, "elbo"))
-    mean, shown_spread = label.splitlines()[:2]
+    mean, shown_spread = label.removeprefix("★ ").splitlines()[:2]
     assert float(mean) == pytest.approx(table["elbo_mean"].iloc[0], abs=0.05)
     assert shown_spread == spread
 
@@ -174,6 +174,13 @@ def test_pick_curve_configs_takes_the_best_of_each_kind_and_skips_all_pruned():
     table = config_table(ms=(1, 2, 4), rs=(0.0, 0.5), pruned={(4, 0.5): 3})
     picked = {s.label.split(":")[0]: (s.n_cycles, s.ratio) for s in pick_curve_configs(table)}
     assert picked == {"cyclical": (2, 0.5), "monotonic": (1, 0.5), "constant": (4, 0.0)}
+
+
+def test_pick_curve_configs_follows_the_objective_mode():
+    table = config_table(ms=(1, 2, 4), rs=(0.0, 0.5))
+    picked = {s.label.split(":")[0]: (s.n_cycles, s.ratio)
+              for s in pick_curve_configs(table, metric="kl", mode="min")}
+    assert picked == {"cyclical": (2, 0.5), "monotonic": (1, 0.5), "constant": (1, 0.0)}
 
 
 def latents(trial_ids, steps=(100, 200, 300, 400, 500, 600, 700, 800)) -> pd.DataFrame:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from _services import free_port
 
+from analysis._load import ReportError
 from analysis._report import REPORT_FILE, build_report
 from analysis._synthetic import write_synthetic_study
 
@@ -58,12 +59,14 @@ def test_report_has_every_kind_of_figure(finished):
     names = {p.name for p in finished[1].figure_paths}
     heatmaps = {f"heatmap-{k}-{m}.png" for k in ("final", "best")
                 for m in ("elbo", "kl", "rec", "mi", "au")}
-    assert heatmaps | {"curves.png", "latents.png", "pruning.png"} == names
+    others = {"rate-distortion.png", "curves.png", "latents.png", "pruning.png"}
+    assert heatmaps | others == names
 
 
 def test_report_sections_appear_in_order(finished):
     text = html_of(finished[1])
-    ids = ["summary", "heatmaps", "curves", "latents", "configs", "paired", "pruning"]
+    ids = ["summary", "rate-distortion", "heatmaps", "curves", "latents", "configs", "paired",
+           "pruning"]
     positions = [text.find(f"<section id='{i}'>") for i in ids]
     assert -1 not in positions and positions == sorted(positions)
 
@@ -158,3 +161,55 @@ def test_report_from_mlflow_records_when_parquet_is_absent(tmp_path, monkeypatch
     assert "<dt>records</dt><dd>mlflow</dd>" in text
     assert "heatmap-final-elbo.png" in {p.name for p in result.figure_paths}
     assert "No 2-D latents recorded" in text  # MLflow holds no latent tables
+
+
+def section(text: str, anchor: str) -> str:
+    start = text.index(f"<section id='{anchor}'>")
+    return text[start:text.index("</section>", start)]
+
+
+def test_objective_leads_the_summary_and_the_heatmaps(tmp_path):
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=N_TRIALS, n_evals=8, seed=4, grid=GRID,
+                          spec={"objective": {"metric": "kl", "mode": "min"}})
+    result = build_report(study, log_to_mlflow=False)
+    text = html_of(result)
+    assert "<dt>objective</dt><dd>validation KL (min)</dd>" in text
+    assert "validation KL (min)" in section(text, "summary")
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", section(text, "heatmaps"))
+    assert captions[0].startswith("final validation KL(q(z|x) ‖ p(z)) (objective, min)")
+    assert "vs best KL (min)" in section(text, "configs")
+
+
+def test_default_objective_is_validation_elbo_max(finished):
+    text = html_of(finished[1])
+    assert "<dt>objective</dt><dd>validation ELBO (max)</dd>" in text
+    assert "validation ELBO (max)" in section(text, "summary")
+
+
+def test_unknown_objective_is_a_report_error(tmp_path):
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=4, n_evals=4, spec={"objective": {"metric": "bleu"}})
+    with pytest.raises(ReportError, match="spec.objective.metric must be one of .*'bleu'"):
+        build_report(study, log_to_mlflow=False)
+
+
+def test_pruning_section_says_what_pruning_did(tmp_path):
+    study = tmp_path / "s"
+    write_synthetic_study(study, n_trials=N_TRIALS, n_evals=16, seed=3, grid=GRID, p_pruned=0.3,
+                          spec={"pruning": {"pruner": "median", "phase_aware": True,
+                                            "min_share": 0.25, "n_startup_trials": 5}})
+    text = section(html_of(build_report(study, log_to_mlflow=False)), "pruning")
+    assert "Pruner: median, phase-aware" in text and "nothing pruned before 25% of T" in text
+    assert re.search(r"Steps run: [\d,]+ of 28,800 planned \(\d+%\): pruning saved \d+%", text)
+    assert "<th>M</th><th>R=0</th><th>R=0.5</th><th>R=1</th>" in text.replace("<th>ramp</th>", "")
+    assert re.search(r"\d of 2 pruned, at \d+ \(0\.\d+ T\)", text)
+    assert "Pruned by family: M = 1" in text
+
+
+def test_rate_distortion_comes_right_after_the_summary(finished):
+    text = html_of(finished[1])
+    rd = section(text, "rate-distortion")
+    assert "<img src=\"data:image/png;base64," in rd and "equal ELBO" in rd
+    assert text.index("id='summary'") < text.index("id='rate-distortion'") < text.index(
+        "id='heatmaps'")

@@ -1,4 +1,4 @@
-"""analysis._stats: confidence intervals, per-config tables, paired tests, the summary lines."""
+"""analysis._stats: confidence intervals, per-config tables, paired tests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from analysis._stats import (
     config_table,
     mean_ci,
     paired_vs_monotonic,
-    summary_lines,
 )
 
 
@@ -121,29 +120,3 @@ def test_paired_needs_a_baseline_at_the_same_ratio():
     frame = paired_study()
     frame.loc[frame["n_cycles"] == 1, "ratio"] = 0.25
     assert paired_vs_monotonic(frame).empty
-
-
-def test_summary_names_the_best_config_and_the_comparison():
-    lines = summary_lines(paired_study())
-    assert lines[0].startswith("Best M and R for validation ELBO: M=4, R=0.5 (linear, β_max=1)")
-    assert "over 6 seeds" in lines[0]
-    assert lines[1].startswith("Cyclical vs monotonic (M=4 vs M=1, R=0.5")
-    assert "ELBO +0.50 ± 0.15" in lines[1] and "paired over 6 seeds" in lines[1]
-    assert "Rec −0.500" in lines[1] or "Rec −0.50" in lines[1]
-
-
-def test_summary_says_too_few_seeds_for_one_seed():
-    lines = summary_lines(paired_study(n_seeds=1))
-    assert "too few seeds for a claim (n=1)" in lines[1].lower()
-    assert "1 seed" in lines[0]
-
-
-def test_summary_counts_pruned_and_failed_trials():
-    frame = paired_study()
-    frame.loc[[0, 1], "status"] = ["pruned", "error"]
-    assert summary_lines(frame)[-1] == "12 trials: 10 completed, 1 pruned, 1 failed"
-
-
-def test_summary_without_a_monotonic_baseline_says_so():
-    frame = paired_study().query("n_cycles == 4")
-    assert "No cyclical-vs-monotonic comparison" in summary_lines(frame)[1]

@@ -1,0 +1,208 @@
+"""Heatmaps over M × R that do not paint noise.
+
+The colour range never stretches below the typical seed CI (``analysis._noise.colour_limits``),
+the best cell is starred and every cell whose mean is not distinguishable from the best one
+(Welch's t-test over seeds, p ≥ 0.05) is outlined. Built without pyplot, like every figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report is written on servers and in CI
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from analysis._noise import ALPHA, BEST, TIED, Mode, colour_limits, versus_best  # noqa: E402
+from workers._schedules import RAMPS  # noqa: E402
+
+GRID_COLUMNS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max")
+NOISE_NOTE = (f"★ best mean; outlined: not distinguishable from it (Welch t-test over seeds, "
+              f"p ≥ {ALPHA:g}); colour range ≥ the median 95% CI")
+
+
+@dataclass(frozen=True)
+class MetricStyle:
+    label: str
+    higher_is_better: bool
+    direction: str  # what the bright end of the colour scale means, for colourbar and caption
+
+
+# The bright (yellow) end of every scale is the "better" end, in every panel of a metric.
+# KL is not better or worse by itself; bright = higher KL = more use of the latent code.
+METRIC_STYLES: dict[str, MetricStyle] = {
+    "elbo": MetricStyle("ELBO", True, "bright = higher ELBO (better)"),
+    "rec": MetricStyle("Rec = −log p(x|z)", False, "bright = lower Rec (better)"),
+    "kl": MetricStyle("KL(q(z|x) ‖ p(z))", True, "bright = higher KL (more latent use)"),
+    "mi": MetricStyle("MI I_q(z; x)", True, "bright = higher MI (better)"),
+    "au": MetricStyle("active units", True, "bright = more active units (better)"),
+    "iw_nll": MetricStyle("IW-NLL", False, "bright = lower IW-NLL (better)"),
+    "ppl": MetricStyle("PPL", False, "bright = lower PPL (better)"),
+}
+_PRUNED_FACE, _PRUNED_EDGE = "#d9d9d9", "#8c8c8c"
+
+
+def style_of(metric: str, mode: Mode | None = None) -> MetricStyle:
+    """The metric's style; ``mode`` (the study objective's) overrides which end is bright."""
+    style = METRIC_STYLES.get(metric, MetricStyle(metric, True, f"bright = higher {metric}"))
+    if mode is None or (mode == "max") == style.higher_is_better:
+        return style
+    word = "higher" if mode == "max" else "lower"
+    short = style.label.split(" ")[0]
+    return MetricStyle(style.label, mode == "max", f"bright = {word} {short} (the objective)")
+
+
+def ramp_order(ramps: Sequence[str]) -> list[str]:
+    known = [r for r in RAMPS if r in set(ramps)]
+    return known + sorted(set(ramps) - set(known))
+
+
+def all_pruned(row: pd.Series) -> bool:
+    n_seeds, n_pruned = int(row.get("n_seeds", 0) or 0), int(row.get("n_pruned", 0) or 0)
+    return n_seeds > 0 and n_pruned >= n_seeds
+
+
+def _decimals(values: np.ndarray) -> int:
+    """Enough decimals to tell the cells of one figure apart: 1 to 3."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 2
+    span = float(finite.max() - finite.min()) or float(np.abs(finite).max()) or 1.0
+    return int(np.clip(1 - math.floor(math.log10(span)), 1, 3))
+
+
+def _text_colour(rgba: tuple[float, ...]) -> str:
+    luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+    return "black" if luminance > 0.5 else "white"
+
+
+def _cell_label(row: pd.Series, metric: str, decimals: int) -> str:
+    n = int(row.get(f"{metric}_n", 0) or 0)
+    mean, ci = row[f"{metric}_mean"], row.get(f"{metric}_ci", math.nan)
+    if n > 1 and np.isfinite(ci):
+        ci_decimals = max(decimals, min(3, -math.floor(math.log10(ci)))) if ci > 0 else decimals
+        spread = f"±{ci:.{ci_decimals}f}"  # at least one significant digit of the CI
+    else:
+        spread = f"n={n}"
+    star = "★ " if row.get("_verdict") == BEST else ""
+    label = f"{star}{mean:.{decimals}f}\n{spread}"
+    n_pruned = int(row.get("n_pruned", 0) or 0)
+    return label + (f"\n{n_pruned} pruned" if n_pruned else "")
+
+
+def _status_note(row: pd.Series) -> str:
+    """Why a cell has no value: its trials' counts by status ("1 error\n2 running")."""
+    n_seeds = int(row.get("n_seeds", 0) or 0)
+    counts = {k: int(row.get(f"n_{k}", 0) or 0) for k in ("completed", "pruned", "error")}
+    counts["running"] = n_seeds - sum(counts.values())
+    return "\n".join(f"{n} {k}" for k, n in counts.items() if n > 0 and k != "completed")
+
+
+def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None,
+                   mode: Mode | None = None, mark_noise: bool = True) -> Figure:
+    """Mean ``metric`` per configuration over M (x) × R (y): one panel per ramp (rows) × β_max.
+
+    Args:
+        table: ``analysis.config_table`` output — one row per (n_cycles, ratio, ramp, beta_max)
+            with ``<metric>_mean``, ``<metric>_ci``, ``<metric>_n``, ``n_seeds``, ``n_pruned``.
+        metric: one of ``METRIC_STYLES`` (others get a plain higher-is-brighter scale).
+        title: the figure title; default the metric's label.
+        mode: which end is bright (the study objective's mode for its metric); default the
+            metric's better end.
+        mark_noise: star the best cell (the bright end) and outline the cells not
+            distinguishable from it (Welch's t-test over seeds, p ≥ 0.05).
+
+    Returns:
+        The figure. Cells show "mean\\n±CI" (or "n=1") and how many seeds were pruned; cells
+        whose trials were all pruned are grey, hatched and labelled "pruned"; cells with trials
+        but no completed one (yet) are light grey with their trials' statuses; configurations
+        without a trial stay blank. The colour scale is shared by all panels, spans at least
+        one typical seed CI (2 × the median CI half-width, centred on the data), and its bright
+        end is the better end.
+
+    Raises:
+        ValueError: when ``table`` is empty or lacks the metric's columns.
+    """
+    missing = {*GRID_COLUMNS, f"{metric}_mean"} - set(table.columns)
+    if table.empty or missing:
+        raise ValueError(f"heatmap of {metric!r}: no rows or missing columns {sorted(missing)}")
+    style = style_of(metric, mode)
+    pruned = table.apply(all_pruned, axis=1).to_numpy(bool)
+    values = table[f"{metric}_mean"].to_numpy(dtype=float)
+    shown = np.isfinite(values) & ~pruned
+    cis = table.get(f"{metric}_ci", pd.Series(np.nan, index=table.index)).to_numpy(float)
+    norm = Normalize(*colour_limits(values[shown], cis[shown]))
+    cmap = colormaps["viridis" if style.higher_is_better else "viridis_r"]
+    cmap = cmap.with_extremes(bad="white")  # cells without a value
+    verdict = versus_best(table[shown], metric, "max" if style.higher_is_better else "min")
+    table = table.assign(_verdict=verdict["verdict"].reindex(table.index) if mark_noise else "")
+    ms, rs = sorted(table["n_cycles"].unique()), sorted(table["ratio"].unique())
+    ramps, betas = ramp_order(list(table["ramp"].unique())), sorted(table["beta_max"].unique())
+    decimals = _decimals(values[shown])
+    fig = Figure(figsize=(len(betas) * (0.95 * len(ms) + 1.3) + 1.2,
+                          len(ramps) * (0.62 * len(rs) + 1.0) + 0.8), layout="constrained")
+    axes = fig.subplots(len(ramps), len(betas), squeeze=False)
+    for i, ramp in enumerate(ramps):
+        for j, beta_max in enumerate(betas):
+            panel = table[(table["ramp"] == ramp) & np.isclose(table["beta_max"], beta_max)]
+            _heatmap_panel(axes[i, j], panel, metric, (ms, rs), norm, cmap, decimals)
+            axes[i, j].set_title(f"ramp {ramp}, β_max = {beta_max:g}", fontsize=9)
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.9, aspect=30)
+    bar.set_label(f"{style.label} — {style.direction}", fontsize=8)
+    if not style.higher_is_better:
+        bar.ax.invert_yaxis()  # bright (better) on top, as for every other metric
+    fig.suptitle(title or style.label, fontsize=11)
+    if mark_noise:
+        fig.supxlabel(NOISE_NOTE, fontsize=7, color="0.3")
+    return fig
+
+
+def _outline(ax, x: float, y: float) -> None:
+    """A cell's 'within noise of the best' mark: a white frame with a black edge inside it."""
+    for width, colour in ((2.4, "white"), (0.9, "black")):
+        ax.add_patch(Rectangle((x - 0.44, y - 0.42), 0.88, 0.84, fill=False, edgecolor=colour,
+                               linewidth=width, zorder=4, label="within-noise"))
+
+
+def _heatmap_panel(ax, panel: pd.DataFrame, metric: str, axes: tuple[list, list],
+                   norm: Normalize, cmap, decimals: int) -> None:
+    ms, rs = axes
+    grid = np.full((len(rs), len(ms)), np.nan)
+    for _, row in panel.iterrows():
+        y, x = rs.index(row["ratio"]), ms.index(row["n_cycles"])
+        mean = float(row[f"{metric}_mean"])
+        if all_pruned(row):
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=_PRUNED_FACE,
+                                   edgecolor=_PRUNED_EDGE, hatch="///", linewidth=0, zorder=2))
+            ax.text(x, y, "pruned", ha="center", va="center", fontsize=7, zorder=3,
+                    bbox={"facecolor": _PRUNED_FACE, "edgecolor": "none", "pad": 1})
+        elif np.isfinite(mean):
+            grid[y, x] = mean
+            ax.text(x, y, _cell_label(row, metric, decimals), ha="center", va="center",
+                    fontsize=7, linespacing=1.1, color=_text_colour(cmap(norm(mean))), zorder=5)
+            if row.get("_verdict") in (BEST, TIED):
+                _outline(ax, x, y)
+        elif note := _status_note(row):  # trials, but none completed (yet)
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor="#f0f0f0", linewidth=0,
+                                   zorder=2))
+            ax.text(x, y, note, ha="center", va="center", fontsize=7, color="0.35", zorder=3)
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="lower", aspect="auto",
+              extent=(-0.5, len(ms) - 0.5, -0.5, len(rs) - 0.5))
+    ax.set_xticks(range(len(ms)), [f"{m:g}" for m in ms], fontsize=8)
+    ax.set_yticks(range(len(rs)), [f"{r:g}" for r in rs], fontsize=8)
+    ax.set_xlabel("M (cycles)", fontsize=8)
+    ax.set_ylabel("R (ramp ratio)", fontsize=8)
+    ax.set_label("heatmap")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)

@@ -1,0 +1,175 @@
+"""The report's plain-language summary: the best configuration by the study objective, whether
+anything differs beyond seed noise, and cyclical vs monotonic on Rec, KL and ELBO side by side
+(the paper's claim is "similar ELBO, lower Rec, higher KL").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis._noise import (
+    ALPHA,
+    BEST,
+    DIFFERS,
+    METRIC_NAMES,
+    TIED,
+    UNTESTED,
+    Objective,
+    versus_best,
+)
+from analysis._stats import CONFIG_KEYS, config_table, paired_vs_monotonic
+
+REPORT_METRICS: tuple[str, ...] = ("elbo", "rec", "kl", "mi", "au")
+CLAIM_METRICS: tuple[str, ...] = ("rec", "kl", "elbo")  # the paper's claim is about these
+
+
+def with_objective(metrics: Sequence[str], objective: Objective) -> tuple[str, ...]:
+    """``metrics`` plus the objective's metric when it is not among them."""
+    return tuple(metrics) + (() if objective.metric in metrics else (objective.metric,))
+
+
+def _decimals(half: float) -> int:
+    """Decimals that show two significant digits of the CI (2 when there is none)."""
+    if not math.isfinite(half) or half <= 0:
+        return 2
+    return int(min(6, max(0, 1 - math.floor(math.log10(half)))))
+
+
+def pm(mean: float, half: float, *, signed: bool = False) -> str:
+    """``−2.41 ± 0.05``: the mean to two significant digits of its CI half-width."""
+    d = _decimals(half)
+    text = f"{mean:+.{d}f}" if signed else f"{mean:.{d}f}"
+    if math.isfinite(half):
+        text += f" ± {half:.{d}f}"
+    return text.replace("-", "−")
+
+
+def config_text(row: pd.Series | dict) -> str:
+    return f"M={row['n_cycles']}, R={row['ratio']:g} ({row['ramp']}, β_max={row['beta_max']:g})"
+
+
+def _seeds(n: int) -> str:
+    return f"over {n} seeds" if n > 1 else "1 seed: too few seeds for a CI"
+
+
+def best_line(table: pd.DataFrame, objective: Objective) -> str:
+    """The best configuration by the objective (finite means only), or that none stands out."""
+    m = objective.metric
+    scored = table[np.isfinite(table[f"{m}_mean"].astype(float)) & (table[f"{m}_n"] > 0)]
+    if scored.empty:
+        return f"No completed trial with a finite {objective.label} yet: no best configuration."
+    verdict = versus_best(scored, m, objective.mode)["verdict"]
+    best = scored.loc[verdict[verdict == BEST].index[0]]
+    n, value = int(best[f"{m}_n"]), pm(best[f"{m}_mean"], best[f"{m}_ci"])
+    extreme = "highest" if objective.mode == "max" else "lowest"
+    where = f"{config_text(best)}: {value} ({_seeds(n)})"
+    if (scored[f"{m}_n"] < 2).all():
+        return (f"Only one seed per configuration, so seed noise cannot be judged: the "
+                f"{extreme} {objective.label} is {where}.")
+    counts = verdict.value_counts()
+    tied, differs, untested = (int(counts.get(k, 0)) for k in (TIED, DIFFERS, UNTESTED))
+    skipped = f"; {untested} with a single seed not tested" if untested else ""
+    if tied and not differs:
+        return (f"No configuration differs beyond seed noise in {objective.label}: all "
+                f"{tied + 1} tested configurations are within seed noise (Welch t-test over "
+                f"seeds, p ≥ {ALPHA:g}) of the {extreme} mean, {where}{skipped}.")
+    if len(scored) == 1:
+        return f"Best configuration for {objective.label}: {where} (the only one with a value)."
+    others = "other is" if tied == 1 else "others are"
+    return (f"Best configuration by the objective, {objective.label}: {where}; {tied} {others} "
+            f"within seed noise of it (Welch t-test over seeds, p ≥ {ALPHA:g}), {differs} "
+            f"differ{'s' if differs == 1 else ''}{skipped}.")
+
+
+def _direction(row: pd.Series) -> str:
+    low, high = row["ci_low"], row["ci_high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "untested"
+    return "lower" if high < 0 else "higher" if low > 0 else "no clear difference"
+
+
+def _claim_line(same: pd.DataFrame) -> str | None:
+    """Rec lower, KL higher, ELBO similar? Each judged by its paired 95% CI."""
+    by_metric = {r["metric"]: r for _, r in same.iterrows()}
+    if not all(k in by_metric for k in CLAIM_METRICS):
+        return None
+    rec, kl, elbo = (_direction(by_metric[k]) for k in CLAIM_METRICS)
+    elbo_word = "similar (CI includes 0)" if elbo == "no clear difference" else elbo
+    holds = rec == "lower" and kl == "higher" and elbo != "lower"
+    verdict = "holds here" if holds else "is not shown here"
+    return (f"The paper's claim (similar ELBO, lower Rec, higher KL) {verdict}: cyclical has "
+            f"Rec {rec}, KL {kl}, ELBO {elbo_word} (95% CIs of the paired differences).")
+
+
+def _top_cyclical(table: pd.DataFrame, paired: pd.DataFrame, objective: Objective) -> pd.Series:
+    """The cyclical configuration best by the objective, preferring those with ≥ 2 pairs."""
+    m = objective.metric
+    rows = paired[paired["metric"] == m].merge(table, on=list(CONFIG_KEYS))
+    sign = 1.0 if objective.mode == "max" else -1.0
+    score = (sign * rows[f"{m}_mean"].astype(float)).fillna(-np.inf)
+    rows = rows.assign(_testable=rows["n_pairs"] >= 2, _score=score)
+    return rows.sort_values(["_testable", "_score"], ascending=False, kind="stable").iloc[0]
+
+
+def comparison_lines(table: pd.DataFrame, paired: pd.DataFrame,
+                     objective: Objective) -> list[str]:
+    """Cyclical vs monotonic at the cyclical configuration best by the objective: Rec, KL and
+    ELBO differences (and the objective's) with CIs and paired-t p, then the claim's verdict."""
+    if paired.empty:
+        return ["No cyclical-vs-monotonic comparison: the study needs completed trials at M=1 "
+                "and M>1 with the same R, ramp and β_max."]
+    top = _top_cyclical(table, paired, objective)
+    same = paired[(paired[list(CONFIG_KEYS)] == top[list(CONFIG_KEYS)]).all(axis=1)]
+    head = (f"Cyclical vs monotonic (M={top['n_cycles']} vs M=1, R={top['ratio']:g}, "
+            f"{top['ramp']}, β_max={top['beta_max']:g}; the best cyclical configuration by "
+            f"{objective.label})")
+    n = int(top["n_pairs"])
+    if n < 2:
+        return [f"{head}: too few seeds for a claim (n={n})"]
+    order = {k: i for i, k in enumerate(with_objective(CLAIM_METRICS, objective))}
+    same = same.assign(_order=same["metric"].map(order)).sort_values("_order")
+    parts = []
+    for _, r in same.iterrows():
+        p = r["p_value"]
+        p_text = f" (p={p:.2g})" if math.isfinite(p) else ""
+        parts.append(f"{METRIC_NAMES.get(r['metric'], r['metric'])} "
+                     f"{pm(r['mean_diff'], r['ci'], signed=True)}{p_text}")
+    lines = [f"{head}: {', '.join(parts)}, cyclical − monotonic, paired over {n} seeds"]
+    claim = _claim_line(same)
+    return lines + ([claim] if claim else [])
+
+
+def counts_line(finals: pd.DataFrame) -> str:
+    status = finals["status"].value_counts()
+    text = (f"{len(finals)} trials: {status.get('completed', 0)} completed, "
+            f"{status.get('pruned', 0)} pruned, {status.get('error', 0)} failed")
+    unfinished = int(status.get("running", 0) + status.get("pending", 0))
+    return text + (f", {unfinished} still running or pending" if unfinished else "")
+
+
+def summary_lines(finals: pd.DataFrame, *, objective: Objective | None = None) -> list[str]:
+    """A few plain-language lines for the top of the report.
+
+    Args:
+        finals: one row per trial (``analysis.final_rows``).
+        objective: the study objective (default validation ELBO, max).
+
+    Returns:
+        The best configuration by the objective with its CI and seed count — or "no
+        configuration differs beyond seed noise" when every tested one is within seed noise of
+        the best (Welch t-test, p ≥ 0.05), or that one seed cannot show noise; the comparison
+        of the cyclical configuration best by the objective with its monotonic baseline (Rec,
+        KL, ELBO and the objective, paired by seed, "too few seeds for a claim" below 2 pairs)
+        and whether the paper's claim holds there; the trial counts.
+    """
+    if finals.empty:
+        return ["No trials yet."]
+    objective = objective or Objective()
+    table = config_table(finals, with_objective(REPORT_METRICS, objective))
+    paired = paired_vs_monotonic(finals, metrics=with_objective(CLAIM_METRICS, objective))
+    return [best_line(table, objective), *comparison_lines(table, paired, objective),
+            counts_line(finals)]
