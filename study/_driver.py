@@ -1,24 +1,29 @@
-"""Run, resume and summarise a study: Ray Tune ``Tuner`` + Optuna pruning + MLflow + Parquet.
+"""Run and resume a study: Ray Tune ``Tuner`` + Optuna pruning + MLflow + Parquet.
 
-``run_study`` starts a study in a fresh study directory; ``resume_study`` restores a killed one
-from that directory alone (Tune experiment state, Optuna storage, the same MLflow runs);
-``study_status`` reads the directory without starting anything heavy.
+``run_study`` starts a study in a fresh study directory; ``resume_study`` restores an
+interrupted, killed or failed one from that directory alone (Tune experiment state, Optuna
+storage, the same MLflow runs). One driver at a time holds the directory's lock. How a study
+ended is recorded in ``study.json``: ``finished`` (every trial completed, pruned or failed with a
+recorded reason), ``interrupted`` (Ctrl-C, or trials left unfinished: resumable) or ``failed``
+(no trial completed). ``klstudy status`` is ``study._status``.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.parquet as pq
-
-from study._store import StudyDir, now_iso
+from study._parent_run import close_parent_run, open_parent_run, reopen_parent_run
+from study._status import StudyError, objective_of, read_meta_checked, study_status
+from study._store import StudyDir, StudyLock, StudyLocked, now_iso
+from workers._secrets import redact_text, redact_url, reveal, write_secrets
 
 if TYPE_CHECKING:
     from study._spec import StudySpec
@@ -29,10 +34,6 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # klstudy prints its own progress line; Tune's new console output would add tables around it.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-
-
-class StudyError(RuntimeError):
-    """A study cannot be started or resumed as asked (user-facing)."""
 
 
 @dataclass(frozen=True)
@@ -46,79 +47,20 @@ class StudySummary:
     wall_s: float
     tracking_uri: str
     parent_run_id: str
-
-
-# --- MLflow parent run ------------------------------------------------------------------------
-def _open_parent_run(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri: str) -> tuple[str, str]:
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(spec.name)
-    if experiment is None:
-        location = _artifact_location(tracking_uri, sd)
-        experiment_id = client.create_experiment(spec.name, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, run_name=spec.name,
-                            tags={"klstudy.role": "study", "klstudy.study": spec.name,
-                                  "klstudy.study_dir": str(sd.root)})
-    params = [Param(k, v[:6000]) for k, v in _flatten(spec.to_dict()).items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start : start + 100])
-    client.log_text(run.info.run_id, spec_text, "spec.yaml")
-    return experiment_id, run.info.run_id
-
-
-def _artifact_location(tracking_uri: str, sd: StudyDir) -> str | None:
-    """Where a new experiment keeps artifacts: beside a local store, or wherever a server says.
-
-    Without this, MLflow puts a local store's artifacts in ``./mlruns`` of the current directory.
-    """
-    if tracking_uri == sd.mlflow_url:
-        return sd.artifacts_dir.as_uri()
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return None  # a file store keeps artifacts inside itself; a server chooses (served artifacts)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return out
-
-
-def _close_parent_run(meta: dict[str, Any], summary: StudySummary, status: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=meta["tracking_uri"])
-    run_id = meta["parent_run_id"]
-    for name, value in summary.counts.items():
-        client.log_metric(run_id, f"trials_{name}", value)
-    if summary.best_value is not None:
-        metric = meta.get("objective", {}).get("metric", "elbo")
-        client.log_metric(run_id, f"best_valid_{metric}", summary.best_value)
-        client.set_tag(run_id, "klstudy.best_trial", summary.best_trial or "")
-        client.set_tag(run_id, "klstudy.objective", summary.objective)
-    client.log_metric(run_id, "wall_s", summary.wall_s)
-    client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+    status: str = "finished"  # finished | interrupted | failed
 
 
 # --- Ray Tune ---------------------------------------------------------------------------------
 def _init_ray(address: str | None) -> bool:
-    """Connect to ``address`` (or RAY_ADDRESS), else start embedded Ray; True if we started it."""
+    """Connect to ``address`` (or RAY_ADDRESS), else start embedded Ray on 127.0.0.1 (nothing
+    listens on a routable address); True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
     target = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=target, logging_level=logging.WARNING, include_dashboard=False if not target else None,
-             log_to_driver=False)
+    local = {} if target else {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
+    ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False, **local)
     return target is None
 
 
@@ -147,8 +89,9 @@ def _mirror(spec: StudySpec, sd: StudyDir, study_name: str):  # -> OptunaMirror
     p, t = spec.pruning, spec.train
     min_step = pruning_policy(spec).min_step
     return OptunaMirror(
-        p.storage or sd.optuna_url,
+        redact_url(p.storage) or sd.optuna_url,
         study_name,
+        secrets_dir=str(sd.root),
         direction="maximize" if spec.objective.mode == "max" else "minimize",
         pruner_kwargs={
             "kind": p.pruner,
@@ -207,53 +150,93 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
 
 
 # --- public entry points ----------------------------------------------------------------------
-def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path, address: str | None = None,
-              tracking_uri: str | None = None) -> StudySummary:
+def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path,
+              address: str | None = None, tracking_uri: str | None = None) -> StudySummary:
     """Run a study to the end in a new study directory (see ``study._store``)."""
     sd = StudyDir(Path(study_dir).resolve())
     if sd.exists():
-        raise StudyError(f"--study-dir: {str(sd.root)!r} already holds a study; "
-                         f"continue it with `klstudy resume {sd.root}` or choose another directory")
+        raise StudyError(f"--study-dir: {str(sd.root)!r} already holds a study; continue it with "
+                         f"`klstudy resume {sd.root}` or choose another directory")
     sd.root.mkdir(parents=True, exist_ok=True)
-    (sd.root / "spec.yaml").write_text(spec_text)
-    uri = tracking_uri or spec.tracking.uri or sd.mlflow_url
-    experiment_id, parent_run_id = _open_parent_run(spec, spec_text, sd, uri)
-    # Unique per study: two studies sharing one Optuna storage never share twins.
-    optuna_study = f"{spec.name}.{parent_run_id[:12]}"
-    meta = {"optuna_study": optuna_study,
-            "objective": {"metric": spec.objective.metric, "mode": spec.objective.mode},
-            "name": spec.name, "spec": spec.to_dict(), "tracking_uri": uri, "experiment_name": spec.name,
-            "experiment_id": experiment_id, "parent_run_id": parent_run_id, "status": "running",
-            "n_trials": spec.n_trials(), "started_at": now_iso(), "finished_at": None,
-            "address": address}
-    sd.write_meta(meta)
-    context = {"name": spec.name, "tracking_uri": uri, "experiment_id": experiment_id,
-               "parent_run_id": parent_run_id}
-    return _fit(sd, meta, address, lambda: _build_tuner(spec, sd, context, optuna_study))
+    with _locked(sd, "klstudy run"):
+        uri = tracking_uri or spec.tracking.uri or sd.mlflow_url
+        write_secrets(sd.root, {"tracking_uri": uri, "pruning_storage": spec.pruning.storage})
+        (sd.root / "spec.yaml").write_text(redact_text(spec_text))
+        experiment_id, parent_run_id = open_parent_run(spec, spec_text, sd, uri)
+        # Unique per study: two studies sharing one Optuna storage never share twins.
+        optuna_study = f"{spec.name}.{parent_run_id[:12]}"
+        meta = {"name": spec.name, "spec": _redacted_spec(spec), "tracking_uri": redact_url(uri),
+                "experiment_name": spec.name, "experiment_id": experiment_id,
+                "parent_run_id": parent_run_id, "optuna_study": optuna_study,
+                "objective": {"metric": spec.objective.metric, "mode": spec.objective.mode},
+                "status": "running", "n_trials": spec.n_trials(), "started_at": now_iso(),
+                "finished_at": None, "address": address}
+        sd.write_meta(meta)
+        return _fit(sd, meta, address, lambda: _build_tuner(spec, sd, _context(sd, meta),
+                                                             optuna_study))
 
 
-def resume_study(study_dir: str | Path, *, address: str | None = None) -> StudySummary:
-    """Restore a killed or failed study from its directory and run it to the end."""
-    from ray import tune
+def _redacted_spec(spec: StudySpec) -> dict[str, Any]:
+    data = spec.to_dict()
+    data["tracking"]["uri"] = redact_url(data["tracking"]["uri"])
+    data["pruning"]["storage"] = redact_url(data["pruning"]["storage"])
+    return data
 
-    from workers._trainable import run_trial
 
+def _context(sd: StudyDir, meta: dict[str, Any]) -> dict[str, Any]:
+    """What every trial gets about its study (credentials stay in ``secrets.json``)."""
+    return {"name": meta["name"], "tracking_uri": meta["tracking_uri"],
+            "experiment_id": meta["experiment_id"], "parent_run_id": meta["parent_run_id"],
+            "study_dir": str(sd.root), "spool_dir": str(sd.root / "spool")}
+
+
+class _locked:  # noqa: N801 - used as a context manager, like a function
+    """The study lock, or a StudyError that names the holder."""
+
+    def __init__(self, sd: StudyDir, command: str) -> None:
+        self.lock = StudyLock(sd, command)
+
+    def __enter__(self) -> StudyLock:
+        try:
+            return self.lock.acquire()
+        except StudyLocked as exc:
+            raise StudyError(f"study dir {str(self.lock.path.parent)!r} is in use by {exc}; wait "
+                             "for it to end or stop that process") from None
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def resume_study(study_dir: str | Path, *, address: str | None = None,
+                 allow_new_optuna: bool = False) -> StudySummary:
+    """Continue an interrupted, killed or failed study from its directory to the end.
+
+    Finished trials are not re-run; unfinished ones continue from their last checkpoint. When
+    Tune's saved state is missing or unreadable the Tune experiment starts again inside the same
+    study (finished trials are still skipped, the same MLflow runs and Optuna twins are used).
+
+    Raises:
+        StudyError: no study, a finished one, another driver holds it, or its Optuna storage
+            lost the study (unless ``allow_new_optuna``).
+    """
     sd = StudyDir(Path(study_dir).resolve())
-    if not sd.exists():
-        raise StudyError(f"resume: {str(sd.root)!r} holds no study ({sd.meta_file.name} missing)")
-    meta = sd.read_meta()
-    if meta.get("status") == "finished":
-        raise StudyError(f"resume: study {meta['name']!r} in {str(sd.root)!r} already finished")
-    if not tune.Tuner.can_restore(str(sd.tune_dir)):
-        raise StudyError(f"resume: no Tune experiment state in {str(sd.tune_dir)!r} "
-                         "(the study was killed before its first trial started); run it again")
-    spec = _spec_from_meta(meta)
-    r = spec.resources
-    trainable = tune.with_resources(run_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
-    sd.update_meta(status="running", resumed_at=now_iso())
-    return _fit(sd, meta, address or meta.get("address"),
-                lambda: tune.Tuner.restore(str(sd.tune_dir), trainable, resume_unfinished=True,
-                                           resume_errored=True))
+    read_meta_checked(sd, "resume")
+    with _locked(sd, "klstudy resume"):
+        meta = read_meta_checked(sd, "resume")
+        if meta.get("status") == "finished":
+            raise StudyError(f"resume: study {meta['name']!r} in {str(sd.root)!r} already "
+                             "finished")
+        spec = _spec_from_meta(meta)
+        optuna_study = meta.get("optuna_study", meta["name"])  # older studies: the spec name
+        _check_optuna(sd, spec, optuna_study, allow_new=allow_new_optuna)
+        meta = sd.update_meta(status="running", resumed_at=now_iso())
+        _safely("reopen the MLflow parent run", reopen_parent_run, _tracking(sd, meta), meta)
+        return _fit(sd, meta, address or meta.get("address"),
+                    lambda: _restore_or_restart(sd, meta, spec, optuna_study))
+
+
+def _tracking(sd: StudyDir, meta: dict[str, Any]) -> str:
+    return reveal(meta["tracking_uri"], study_dir=sd.root, key="tracking_uri")
 
 
 def _spec_from_meta(meta: dict[str, Any]) -> StudySpec:
@@ -262,33 +245,130 @@ def _spec_from_meta(meta: dict[str, Any]) -> StudySpec:
     return parse_spec(meta["spec"])
 
 
-def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None, make_tuner: Any) -> StudySummary:
+def _check_optuna(sd: StudyDir, spec: StudySpec, name: str, *, allow_new: bool) -> None:
+    """A resumed study whose trials reported to Optuna must find its Optuna study again."""
+    import optuna
+
+    started = any(v for k, v in study_status(sd.root)["counts"].items() if k != "pending")
+    if not started or allow_new or spec.pruning.pruner == "none" and spec.search.kind == "grid":
+        return
+    url = reveal(redact_url(spec.pruning.storage), study_dir=sd.root,
+                 key="pruning_storage") or sd.optuna_url
+    try:
+        names = optuna.get_all_study_names(storage=url)
+    except Exception as exc:
+        names, why = [], f"unreadable: {exc}"
+    else:
+        why = "it does not hold the study (missing or empty file?)"
+    if name not in names:
+        raise StudyError(
+            f"resume: the Optuna storage {redact_url(url)} has lost study {name!r} ({why}), "
+            "though trials have run: pruning and TPE would start from nothing. Restore the file, "
+            "or resume with --allow-new-optuna to go on with a fresh Optuna history")
+
+
+def _restore_or_restart(sd: StudyDir, meta: dict[str, Any], spec: StudySpec,
+                        optuna_study: str):  # -> tune.Tuner
+    from ray import tune
+
+    from workers._trainable import run_trial
+
+    r = spec.resources
+    trainable = tune.with_resources(run_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+    problem = _tune_state_problem(sd)
+    if problem is None:
+        try:
+            return tune.Tuner.restore(str(sd.tune_dir), trainable, resume_unfinished=True,
+                                      resume_errored=True)
+        except Exception as exc:  # a damaged tuner.pkl or state file (ray#58179)
+            problem = f"it could not be restored ({type(exc).__name__}: {exc})"
+    if sd.tune_dir.exists():
+        aside = sd.root / f"tune.broken-{int(time.time())}"
+        shutil.move(str(sd.tune_dir), aside)
+        problem += f"; moved to {aside.name}"
+    log.warning("Tune's saved state in %s: %s. Starting the Tune experiment again inside this "
+                "study: finished trials are skipped, unfinished ones start from step 0.",
+                sd.tune_dir, problem)
+    return _build_tuner(spec, sd, _context(sd, meta), optuna_study)
+
+
+def _tune_state_problem(sd: StudyDir) -> str | None:
+    """Why Tune's saved experiment state cannot be restored, or None when it looks whole."""
+    import json
+
+    from ray import tune
+
+    if not sd.tune_dir.is_dir():
+        return "it does not exist (the study was killed before its first trial started)"
+    try:
+        if not tune.Tuner.can_restore(str(sd.tune_dir)):
+            return "it is incomplete (no tuner.pkl)"
+    except Exception as exc:
+        return f"it is unreadable ({exc})"
+    for state in sd.tune_dir.glob("experiment_state-*.json"):
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{state.name} is truncated or damaged ({exc})"
+    return None
+
+
+def _safely(what: str, fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # tracking trouble must not stop a study
+        log.warning("could not %s: %s", what, exc)
+
+
+def _ended_as(counts: dict[str, int], n_trials: int) -> str:
+    """finished / interrupted / failed, from the trials' statuses after Tune returned."""
+    unfinished = counts.get("pending", 0) + counts.get("running", 0)
+    if unfinished:
+        return "interrupted"  # Ctrl-C: Tune stops and fit() returns normally
+    if n_trials and counts.get("completed", 0) == 0 and counts.get("pruned", 0) == 0:
+        return "failed"
+    return "finished"
+
+
+def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None,
+         make_tuner: Any) -> StudySummary:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
     we_started_ray = _init_ray(address)
-    status = "failed"
+    status = "interrupted"
     try:
         make_tuner().fit()
-        status = "finished"
+        status = _ended_as(study_status(sd.root)["counts"], meta["n_trials"])
     except KeyboardInterrupt:
-        status = "interrupted"
+        raise
+    except Exception:
+        status = "failed"
         raise
     finally:
-        summary = _summarise(sd, meta, time.monotonic() - started)
+        _drain_spools(sd, meta)
+        summary = dataclasses.replace(_summarise(sd, meta, time.monotonic() - started),
+                                      status=status)
         sd.update_meta(status=status, finished_at=now_iso(), counts=summary.counts,
                        best_trial=summary.best_trial, best_value=summary.best_value)
-        if status != "interrupted":
-            try:
-                _close_parent_run(meta, summary, status)
-            except Exception:
-                log.warning("could not close the MLflow parent run", exc_info=True)
+        _safely("close the MLflow parent run", close_parent_run, _tracking(sd, meta), meta,
+                summary, status)
         if we_started_ray:
             import ray
 
             ray.shutdown()
     return summary
+
+
+def _drain_spools(sd: StudyDir, meta: dict[str, Any]) -> None:
+    """Send whatever MLflow writes the trials left in their spools (workers._spool)."""
+    try:
+        from workers._spool import drain_spools
+    except ImportError:
+        return
+    _safely("send the trials' spooled MLflow writes", drain_spools, sd.root / "spool",
+            _tracking(sd, meta), 60.0)
 
 
 def _summarise(sd: StudyDir, meta: dict[str, Any], wall_s: float) -> StudySummary:
@@ -298,46 +378,5 @@ def _summarise(sd: StudyDir, meta: dict[str, Any], wall_s: float) -> StudySummar
                         meta["parent_run_id"])
 
 
-def study_status(study_dir: str | Path) -> dict[str, Any]:
-    """Counts by status, best trial and progress, read from the study directory only."""
-    sd = StudyDir(Path(study_dir).resolve())
-    if not sd.exists():
-        raise StudyError(f"status: {str(sd.root)!r} holds no study ({sd.meta_file.name} missing)")
-    meta = sd.read_meta()
-    counts = {"completed": 0, "pruned": 0, "running": 0, "error": 0, "pending": 0}
-    trials_file = sd.root / "trials.parquet"
-    best_trial, best_value = None, None
-    if trials_file.is_file():
-        for row in pq.read_table(trials_file).to_pylist():
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
-    counts["pending"] = max(0, meta["n_trials"] - sum(v for k, v in counts.items() if k != "pending"))
-    metric, mode = _objective_of(meta)
-    finals = {k: v for k, v in _final_valid(sd, metric).items()
-              if v is not None and math.isfinite(v)}  # never a NaN "best"
-    if finals:
-        pick = max if mode == "max" else min
-        best_trial, best_value = pick(finals.items(), key=lambda item: item[1])
-    return {"name": meta["name"], "status": meta["status"], "study_dir": str(sd.root),
-            "n_trials": meta["n_trials"], "counts": counts, "best_trial": best_trial,
-            "best_value": best_value, "objective": f"valid/{metric} ({mode})",
-            "tracking_uri": meta["tracking_uri"],
-            "started_at": meta.get("started_at"), "finished_at": meta.get("finished_at")}
-
-
-def _objective_of(meta: dict[str, Any]) -> tuple[str, str]:
-    """(metric, mode) of a study; studies from before the objective option used ELBO, max."""
-    objective = meta.get("objective") or meta.get("spec", {}).get("objective") or {}
-    return objective.get("metric", "elbo"), objective.get("mode") or "max"
-
-
-def _final_valid(sd: StudyDir, metric: str) -> dict[str, float]:
-    import pyarrow.dataset as ds
-
-    folder = sd.root / "evaluations"
-    if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
-        return {}
-    table = ds.dataset(str(folder), format="parquet").to_table(
-        columns=["trial_id", "split", "final", metric],
-        filter=(ds.field("split") == "valid") & (ds.field("final") == True),  # noqa: E712
-    )
-    return {row["trial_id"]: row[metric] for row in table.to_pylist()}
+__all__ = ["StudyError", "StudySummary", "objective_of", "pruning_policy", "resume_study",
+           "run_study", "study_status"]

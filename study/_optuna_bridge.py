@@ -65,10 +65,12 @@ class OptunaMirror:
         sampler_seed: int | None = None,
         search_space: dict[str, list[Any]] | None = None,
         direction: str = "maximize",
+        secrets_dir: str | None = None,
     ) -> None:
         if direction not in ("maximize", "minimize"):
             raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
         self.direction = direction
+        self.secrets_dir = secrets_dir  # where a redacted storage URL's credentials are kept
         self.storage_url = storage_url
         self.study_name = study_name
         self.pruner_kwargs = dict(pruner_kwargs or {"kind": "none"})
@@ -86,8 +88,12 @@ class OptunaMirror:
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
+            from workers._secrets import reveal
+
+            storage = reveal(self.storage_url, study_dir=getattr(self, "secrets_dir", None),
+                             key="pruning_storage")
             self._study = optuna.create_study(
-                storage=self.storage_url,
+                storage=storage,
                 study_name=self.study_name,
                 direction=getattr(self, "direction", "maximize"),  # the objective's mode
                 pruner=make_pruner(**self.pruner_kwargs),

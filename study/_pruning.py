@@ -132,6 +132,8 @@ class OptunaPruningScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
         trial_id = result.get(TRIAL_KEY) or trial.config["trial"]["trial_id"]
+        if "step" not in result or result.get("klstudy_error"):
+            return TrialScheduler.CONTINUE  # a failure report: on_trial_complete tells Optuna
         twin = self.mirror.ensure(trial_id, trial_params(trial.config), seed=_seed(trial.config))
         if twin.state == TrialState.PRUNED:
             return TrialScheduler.STOP  # pruned before a restart: stay pruned

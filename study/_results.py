@@ -31,6 +31,22 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("klstudy.progress")  # the CLI prints this logger's records
 
 _FLUSH_EVERY_S = 5.0
+ERROR_KEY = "klstudy_error"  # a worker's last result when its trial failed deterministically
+
+
+def written_steps(folder: Any) -> dict[str, int]:
+    """{trial id: highest step with rows} in the finished Parquet parts of ``folder``."""
+    out: dict[str, int] = {}
+    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
+        try:
+            table = pq.read_table(part, columns=["trial_id", "step"])
+        except Exception:  # a damaged part: its rows are lost anyway, rewrite them
+            log.warning("skipping unreadable %s", part)
+            continue
+        for trial_id, step in zip(table["trial_id"].to_pylist(), table["step"].to_pylist(),
+                                  strict=True):
+            out[trial_id] = max(out.get(trial_id, 0), int(step))
+    return out
 
 
 def evaluation_from_result(result: dict[str, Any]) -> Evaluation:
@@ -69,6 +85,7 @@ class StudyRecorder(Callback):
         self._latents: list[dict[str, Any]] = []
         self.objective = objective  # (metric, mode) of the study; "best" follows it
         self._final_value: dict[str, float] = {}
+        self._written: dict[str, int] = {}  # highest step with Parquet rows, per trial
         self._flush_due = Throttle(_FLUSH_EVERY_S)
         self._progress_due = Throttle(_FLUSH_EVERY_S)
         self._started = time.monotonic()
@@ -81,22 +98,29 @@ class StudyRecorder(Callback):
         return state
 
     def setup(self, **info: Any) -> None:
-        """At start and after a restore: continue from the statuses already on disk."""
+        """At start and after a restore: continue from the statuses and rows already on disk."""
         self._started = time.monotonic()
         trials_file = self.study_dir.root / "trials.parquet"
         if trials_file.is_file():
             for row in pq.read_table(trials_file).to_pylist():
                 self.trials[row["trial_id"]] = {**self.trials.get(row["trial_id"], {}), **row}
+        self._written = written_steps(self.study_dir.root / "evaluations")
 
     # --- Tune hooks -----------------------------------------------------------------------
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
         config = TrialConfig.from_dict(trial.config["trial"])
+        row = self._trial_row(config)
+        if result.get(ERROR_KEY):  # a deterministic failure, reported by the worker
+            row.update(status="running", error=str(result[ERROR_KEY])[:4000])
+            return
         ev = evaluation_from_result(result)
-        self._rows.extend(evaluation_rows(self.study_name, config, ev))
-        self._latents.extend(latent_rows(self.study_name, config.trial_id, ev))
+        if ev.step > self._written.get(config.trial_id, 0):  # a replayed step: written once
+            self._written[config.trial_id] = ev.step
+            self._rows.extend(evaluation_rows(self.study_name, config, ev))
+            self._latents.extend(latent_rows(self.study_name, config.trial_id, ev))
         if ev.final:
             self._final_value[config.trial_id] = ev.valid.get(self.objective[0], math.nan)
-        row = self._trial_row(config)
         row.update(status="running", last_step=ev.step, node_ip=result.get("node_ip"),
                    mlflow_run_id=result.get("mlflow_run_id") or row.get("mlflow_run_id"))
         if self._flush_due():
@@ -106,9 +130,12 @@ class StudyRecorder(Callback):
         config = TrialConfig.from_dict(trial.config["trial"])
         row = self._trial_row(config)
         last = trial.last_result or {}
-        if row["status"] in ("completed", "pruned") and not last.get("final"):
+        if row["status"] in ("completed", "pruned", "error") and not last.get("final") and not (
+                last.get(ERROR_KEY)):
             return  # finished before a restore; the worker skipped it (see workers._trainable)
-        if self.mirror.state_of(config.trial_id) == TrialState.PRUNED:
+        if last.get(ERROR_KEY):
+            row.update(status="error", error=str(last[ERROR_KEY])[:4000])
+        elif self.mirror.state_of(config.trial_id) == TrialState.PRUNED:
             row.update(status="pruned", pruned_at_step=row.get("last_step"))
         elif last.get("final"):
             row.update(status="completed")
@@ -159,7 +186,10 @@ class StudyRecorder(Callback):
             if self._client is None:
                 from mlflow.tracking import MlflowClient
 
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                from workers._secrets import reveal
+
+                uri = reveal(self.tracking_uri, study_dir=self.study_dir.root, key="tracking_uri")
+                self._client = MlflowClient(tracking_uri=uri)
             self._client.set_tag(run_id, "klstudy.status", row["status"])
             if row["status"] == "pruned":
                 self._client.set_tag(run_id, "klstudy.pruned_at_step", str(row.get("pruned_at_step")))

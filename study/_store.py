@@ -7,12 +7,16 @@
       optuna.db               Optuna storage (unless the spec names an RDB URL)
       mlflow.db, mlartifacts/ the embedded MLflow store (unless a tracking URI is given)
       evaluations/part-*.parquet, latents/part-*.parquet, trials.parquet   (workers._records)
+      .lock                   held (flock) by the one driver running the study; says who
+      secrets.json            0600: URLs with credentials, when the spec or CLI gave such URLs
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -70,6 +74,87 @@ class StudyDir:
         meta.update(changes)
         self.write_meta(meta)
         return meta
+
+
+LOCK_FILE = ".lock"
+
+
+class StudyLocked(RuntimeError):
+    """Another process holds the study directory's lock; ``holder`` says who."""
+
+    def __init__(self, holder: dict[str, Any]) -> None:
+        super().__init__(describe_holder(holder))
+        self.holder = holder
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"({holder.get('command', '?')}, since {holder.get('since', '?')})")
+
+
+class StudyLock:
+    """An exclusive ``flock`` on ``<study_dir>/.lock``, held while a driver runs the study.
+
+    The kernel drops the lock when the holder dies, however it dies, so a killed driver never
+    leaves a stale lock. The file records the holder (pid, host, command, since) for messages.
+    """
+
+    def __init__(self, sd: StudyDir, command: str) -> None:
+        self.path = sd.root / LOCK_FILE
+        self.command = command
+        self._fd: int | None = None
+
+    def acquire(self) -> StudyLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StudyLocked(_read_holder(self.path)) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "since": now_iso()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StudyLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def lock_holder(sd: StudyDir) -> dict[str, Any] | None:
+    """Who holds the study's lock now, or None (tries the lock without keeping it)."""
+    path = sd.root / LOCK_FILE
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(path) or {"pid": "?"}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class PartWriter:

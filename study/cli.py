@@ -50,7 +50,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", type=Path)
     p.add_argument("--study-dir", type=Path, default=None, help="default: ./klstudy-runs/<name>")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the study dir)")
+    p.add_argument("--tracking-uri", default=os.environ.get("KLSTUDY_TRACKING_URI"),
+                   help="MLflow tracking URI (default: $KLSTUDY_TRACKING_URI, else sqlite in the "
+                   "study dir); pass credentials through the variable, not on the command line")
     p.set_defaults(handler=_cmd_run)
 
 
@@ -63,15 +65,20 @@ def _show_progress() -> None:
     progress.propagate = False
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary) -> int:
+    """Print how the study ended; the exit code: 0 finished, 130 interrupted, 1 failed."""
     c = summary.counts
-    print(f"study {summary.name!r} finished in {summary.wall_s:.0f} s: {c.get('completed', 0)} completed, "
-          f"{c.get('pruned', 0)} pruned, {c.get('error', 0)} failed")
+    print(f"study {summary.name!r} {summary.status} after {summary.wall_s:.0f} s: "
+          f"{c.get('completed', 0)} completed, {c.get('pruned', 0)} pruned, "
+          f"{c.get('error', 0)} failed, {c.get('running', 0) + c.get('pending', 0)} unfinished")
+    if summary.status == "interrupted":
+        print(f"resume it with: klstudy resume {summary.study_dir}")
     if summary.best_trial:
         print(f"best {summary.objective}: {summary.best_value:.4f} ({summary.best_trial})")
     print(f"study dir: {summary.study_dir}")
     print(f"MLflow: {summary.tracking_uri} (parent run {summary.parent_run_id}); "
           f"report: klstudy report {summary.study_dir}")
+    return {"finished": 0, "interrupted": 130}.get(summary.status, 1)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -86,14 +93,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             tracking_uri=args.tracking_uri)
     except StudyError as exc:
         raise UserError(str(exc)) from None
-    _print_summary(summary)
-    return 0 if summary.counts.get("completed", 0) + summary.counts.get("pruned", 0) else 1
+    return _print_summary(summary)
 
 
 def _add_resume(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("resume", help="restore a killed study from its directory and finish it")
     p.add_argument("study_dir", type=Path)
     p.add_argument("--address", default=None, help="Ray cluster address (default: as recorded)")
+    p.add_argument("--allow-new-optuna", action="store_true",
+                   help="go on when the Optuna storage lost the study (fresh pruner history)")
     p.set_defaults(handler=_cmd_resume)
 
 
@@ -102,11 +110,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     _show_progress()
     try:
-        summary = resume_study(args.study_dir, address=args.address)
+        summary = resume_study(args.study_dir, address=args.address,
+                               allow_new_optuna=args.allow_new_optuna)
     except StudyError as exc:
         raise UserError(str(exc)) from None
-    _print_summary(summary)
-    return 0
+    return _print_summary(summary)
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
@@ -133,6 +141,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if status["best_trial"]:
         print(f"  best {status['objective']}: {status['best_value']:.4f} ({status['best_trial']})")
     print(f"  MLflow: {status['tracking_uri']}")
+    if status.get("locked_by"):
+        holder = status["locked_by"]
+        print(f"  in use by pid {holder.get('pid')} on {holder.get('host')} "
+              f"({holder.get('command')}, since {holder.get('since')})")
+    elif status["status"] in ("running", "interrupted", "failed"):
+        print(f"  not running now; continue it with: klstudy resume {status['study_dir']}")
     return 0
 
 
