@@ -49,6 +49,8 @@ from workers._schedules import (
     lr_at,
     ramp_value,
 )
+from workers._spool import DEFAULT_MAX_BYTES as SPOOL_MAX_BYTES
+from workers._spool import Spool, drain_spools, trial_key
 from workers._trainer import (
     CheckpointError,
     Evaluation,
@@ -65,6 +67,10 @@ __all__ = [
     "LATENT_COLUMNS",
     "METRIC_COLUMNS",
     "STATUSES",
+    "SPOOL_MAX_BYTES",
+    "Spool",
+    "drain_spools",
+    "trial_key",
     "TRIAL_COLUMNS",
     "config_columns",
     "evaluation_rows",
