@@ -1,101 +1,117 @@
 """The Ray Tune function trainable: ``train_trial`` + MLflow child-run logging from the worker.
 
 Tune config: ``{"trial": TrialConfig dict, "study": {"name", "tracking_uri", "experiment_id",
-"parent_run_id"}}``. Logging happens here, on the worker, so artifacts from trials on remote
-nodes reach the tracking server; a resumed trial re-attaches to its MLflow run (matched by the
+"parent_run_id", "spool_dir"}}``. Logging happens here, on the worker, so artifacts from
+trials on remote nodes reach the tracking server, and it goes through the study's on-disk
+spool (:mod:`workers._spool`): training and ``tune.report`` never wait for MLflow, an outage
+only delays the writes. A resumed trial re-attaches to its MLflow run (found by the
 ``klstudy.trial_id`` tag under the study's parent run) instead of creating a second one.
+
+Reliability rules kept here:
+
+- the first evaluation is always checkpointed (then at most every ``_CHECKPOINT_EVERY_S``), so
+  a trial killed early does not replay from step 0;
+- a trial's final checkpoint holds its final result (``final_result.json``): a worker restored
+  from it re-reports that result to Tune (``replayed``) instead of training or going silent;
+- deterministic failures (:data:`DETERMINISTIC_ERRORS`) end the trial with a last result
+  carrying ``klstudy_error`` and return normally, so that Tune does not retry them; any other
+  exception propagates, so that Tune retries the trial from its checkpoint.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from workers._config import TrialConfig
+from workers._config import ConfigError, TrialConfig
+from workers._data import DataError
 from workers._records import mlflow_metrics
-from workers._trainer import Evaluation, train_trial
+from workers._spool import Spool, shared_spool, trial_key
+from workers._trainer import (
+    CheckpointError,
+    Evaluation,
+    NonFiniteLossError,
+    load_trial_corpus,
+    train_trial,
+)
 
 log = logging.getLogger(__name__)
 
 TRIAL_KEY = "klstudy_trial_id"
-_TERMINAL = ("completed", "pruned")
-# Metrics are sent in batches at most this often (and at the end, or when the trial is stopped):
-# one MLflow call costs ~30 ms, a toy evaluation interval well under a second.
-_FLUSH_EVERY_S = 10.0
+ERROR_KEY = "klstudy_error"
+FINAL_RESULT_FILE = "final_result.json"
+DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, ConfigError, CheckpointError)
 # Tune copies every reported checkpoint into the study directory; on short evaluation intervals
 # that copying costs more than the training. A killed study loses at most this much per trial.
 _CHECKPOINT_EVERY_S = 30.0
+# At its end a trial waits at most this long for its spooled writes to reach MLflow; whatever
+# is left is sent by this process's spool thread later, or by the driver's drain_spools.
+_END_FLUSH_S = 2.0
+_MLFLOW_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "error": "FAILED"}
+
+
+def spool_dir(study: dict[str, Any]) -> Path:
+    """The study's spool root (``study["spool_dir"]``), else one in the temp dir per parent run."""
+    if study.get("spool_dir"):
+        return Path(study["spool_dir"])
+    parent = str(study.get("parent_run_id") or "none")
+    return Path(tempfile.gettempdir()) / "klstudy-spool" / parent
 
 
 class TrialRunLogger:
-    """The MLflow child run of one trial, logged through a ``MlflowClient`` (batched)."""
+    """The MLflow child run of one trial, written through the study's spool (never blocks)."""
 
-    def __init__(self, study: dict[str, Any], config: TrialConfig) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=study["tracking_uri"])
+    def __init__(self, study: dict[str, Any], config: TrialConfig, *,
+                 spool: Spool | None = None) -> None:
         self.config = config
-        self._pending: list[Any] = []
-        self._last_flush = time.monotonic()
-        self.run_id = self._attach_or_create(study)
-
-    def _attach_or_create(self, study: dict[str, Any]) -> str:
-        parent, trial_id = study["parent_run_id"], self.config.trial_id
-        found = self.client.search_runs(
-            [study["experiment_id"]],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`klstudy.trial_id` = '{trial_id}'",
-            max_results=1,
+        self.spool = spool or shared_spool(spool_dir(study), study["tracking_uri"])
+        parent, trial_id = study["parent_run_id"], config.trial_id
+        self.key = self.spool.define_run(
+            trial_key(trial_id), experiment_id=study["experiment_id"], run_name=trial_id,
+            tags={"mlflow.parentRunId": parent, "klstudy.role": "trial",
+                  "klstudy.study": study["name"], "klstudy.trial_id": trial_id,
+                  "klstudy.status": "running"},
+            match_tags={"mlflow.parentRunId": parent, "klstudy.trial_id": trial_id},
         )
-        self.already_finished = bool(found) and found[0].data.tags.get("klstudy.status") in _TERMINAL
-        if self.already_finished:  # finished before a restore whose Tune state lagged behind
-            return found[0].info.run_id
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, "klstudy.status", "running")
-            return run_id
-        run = self.client.create_run(
-            study["experiment_id"],
-            run_name=trial_id,
-            tags={"mlflow.parentRunId": parent, "klstudy.role": "trial", "klstudy.study": study["name"],
-                  "klstudy.trial_id": trial_id, "klstudy.status": "running"},
-        )
-        self._log_config(run.info.run_id)
-        return run.info.run_id
 
-    def _log_config(self, run_id: str) -> None:
-        from mlflow.entities import Param
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id once the spool resolved it (None while MLflow never answered)."""
+        return self.spool.run_id(self.key)
 
-        params = [Param(k, "None" if v is None else str(v)) for k, v in self.config.to_dict().items()]
-        self.client.log_batch(run_id, params=params)
-        self.client.log_dict(run_id, self.config.to_dict(), "config.json")
+    def start(self) -> None:
+        """Mark the run running (also a run an earlier attempt left FAILED) and log the config."""
+        self.spool.set_status(self.key, "RUNNING", tags={"klstudy.status": "running"})
+        self.spool.log_params(self.key, self.config.to_dict())
+        self.spool.log_dict(self.key, self.config.to_dict(), "config.json")
 
     def log_evaluation(self, ev: Evaluation) -> None:
-        """Queue an evaluation's metrics; they are sent in one batch every ``_FLUSH_EVERY_S``."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, v, now, ev.step) for k, v in mlflow_metrics(ev).items())
-        if ev.final or time.monotonic() - self._last_flush >= _FLUSH_EVERY_S:
-            self.flush()
+        """Spool an evaluation's metrics (and, at the end, the latent scatter of 2-D models)."""
+        self.spool.log_metrics(self.key, mlflow_metrics(ev), step=ev.step)
         if ev.latents and ev.final:  # every step's latents are in the Parquet records
-            self.client.log_figure(self.run_id, latent_figure(ev), f"latents/step_{ev.step:07d}.png")
+            self.spool.log_artifact_bytes(self.key, figure_png(latent_figure(ev)),
+                                          f"latents/step_{ev.step:07d}.png")
 
-    def flush(self) -> None:
-        """Send the queued metrics (MLflow takes at most 1,000 per call)."""
-        for start in range(0, len(self._pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
-        self._pending = []
-        self._last_flush = time.monotonic()
+    def flush(self, timeout_s: float = _END_FLUSH_S) -> bool:
+        return self.spool.flush(timeout_s)
 
-    def finish(self, status: str, error: str | None = None) -> None:
-        self.client.set_tag(self.run_id, "klstudy.status", status)
+    def note_error(self, error: str) -> None:
+        """An error Tune may retry: recorded as a tag; the status is left to the retry/driver."""
+        self.spool.set_tags(self.key, {"klstudy.last_error": error[:4000]})
+
+    def finish(self, status: str, error: str | None = None, *,
+               wait_s: float = _END_FLUSH_S) -> bool:
+        """End the run with a klstudy status (completed, pruned, error); waits up to
+        ``wait_s`` for the spool to send it; True when everything was sent."""
+        tags = {"klstudy.status": status}
         if error:
-            self.client.set_tag(self.run_id, "klstudy.error", error[:4000])
-        self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "FAILED")
+            tags["klstudy.error"] = error[:4000]
+        self.spool.terminate(self.key, _MLFLOW_STATUS.get(status, "FAILED"), tags=tags)
+        return self.spool.flush(wait_s)
 
 
 def latent_figure(ev: Evaluation):  # -> matplotlib Figure
@@ -106,13 +122,19 @@ def latent_figure(ev: Evaluation):  # -> matplotlib Figure
 
     fig = Figure(figsize=(3.2, 3.2), dpi=100)
     ax = fig.add_subplot()
-    xs, ys = zip(*ev.latents or [(0.0, 0.0)])
+    xs, ys = zip(*ev.latents or [(0.0, 0.0)], strict=True)
     ax.scatter(xs, ys, c=range(len(xs)), cmap="viridis", s=18)
     ax.set_title(f"E[z|x], step {ev.step}")
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
     fig.tight_layout()
     return fig
+
+
+def figure_png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def tune_result(ev: Evaluation, config: TrialConfig, run_id: str | None) -> dict[str, Any]:
@@ -125,40 +147,112 @@ def tune_result(ev: Evaluation, config: TrialConfig, run_id: str | None) -> dict
     return result
 
 
-def run_trial(tune_config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: trains one trial, reporting every evaluation to Tune."""
+class _Reporter:
+    """The ``report`` callback of ``train_trial``: spool first (local disk), then Tune."""
+
+    def __init__(self, config: TrialConfig, run_log: TrialRunLogger | None, tune: Any) -> None:
+        self.config, self.run_log, self.tune = config, run_log, tune
+        self.last_step = 0
+
+    def __call__(self, ev: Evaluation) -> None:
+        self.last_step = ev.step
+        if self.run_log is not None:
+            self.run_log.log_evaluation(ev)
+        result = tune_result(ev, self.config, self.run_log and self.run_log.run_id)
+        ckpt = None
+        if ev.checkpoint is not None:
+            if ev.final:  # a worker restored from this checkpoint re-reports instead of training
+                (ev.checkpoint / FINAL_RESULT_FILE).write_text(json.dumps(result))
+            ckpt = self.tune.Checkpoint.from_directory(str(ev.checkpoint))
+        self.tune.report(result, checkpoint=ckpt)
+
+
+def _tune() -> Any:
     from ray import tune
 
-    config = TrialConfig.from_dict(tune_config["trial"]).resolved()
+    return tune
+
+
+def run_trial(tune_config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: trains one trial, reporting every evaluation to Tune.
+
+    Returns normally when the trial completed or failed deterministically (its last result then
+    has ``klstudy_error``); raises what Tune should retry; Tune's stop (SystemExit) passes.
+    """
+    tune = _tune()
     study = tune_config.get("study") or {}
-    run_log = TrialRunLogger(study, config) if study.get("tracking_uri") else None
-    if run_log is not None and run_log.already_finished:
-        log.info("trial %s already finished; not training it again", config.trial_id)
-        return
+    trial_id = str((tune_config.get("trial") or {}).get("trial_id", ""))
+    run_log: TrialRunLogger | None = None
+    reporter: _Reporter | None = None
+    try:
+        config = TrialConfig.from_dict(tune_config["trial"]).resolved()
+        config.check()
+        run_log = TrialRunLogger(study, config) if study.get("tracking_uri") else None
+        reporter = _Reporter(config, run_log, tune)
+        _run(config, run_log, reporter, tune)
+    except DETERMINISTIC_ERRORS as exc:  # would fail the same way again: end it, no retry
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("trial %s failed: %s", trial_id, reason)
+        if run_log is not None:
+            run_log.finish("error", error=reason)
+        tune.report({ERROR_KEY: reason, "final": False, TRIAL_KEY: trial_id,
+                     "step": reporter.last_step if reporter else 0,
+                     "mlflow_run_id": (run_log and run_log.run_id) or ""})
+
+
+def _run(config: TrialConfig, run_log: TrialRunLogger | None, reporter: _Reporter,
+         tune: Any) -> None:
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="klstudy-ckpt-") as work:
         resume_from = _restore_dir(checkpoint, Path(work) / "restored") if checkpoint else None
-
-        def report(ev: Evaluation) -> None:
-            if run_log is not None:
-                run_log.log_evaluation(ev)
-            ckpt = tune.Checkpoint.from_directory(str(ev.checkpoint)) if ev.checkpoint else None
-            tune.report(tune_result(ev, config, run_log and run_log.run_id), checkpoint=ckpt)
-
+        if resume_from is not None and (resume_from / FINAL_RESULT_FILE).is_file():
+            _replay_final(resume_from, config, run_log, tune)
+            return
+        if run_log is not None:
+            run_log.start()
         try:
-            train_trial(config, report=report, checkpoint_dir=Path(work) / "current",
-                        resume_from=resume_from, checkpoint_every_s=_CHECKPOINT_EVERY_S)
-        except Exception as exc:
-            if run_log is not None:
-                run_log.flush()
-                run_log.finish("error", error=f"{type(exc).__name__}: {exc}")
-            raise
+            _train(config, reporter, Path(work) / "current", resume_from)
         except SystemExit:  # Tune stops a trial (e.g. pruned) by exiting its training thread
             if run_log is not None:
-                run_log.flush()
+                run_log.flush(0.0)  # wakes the sender; the driver records the stop
+            raise
+        except DETERMINISTIC_ERRORS:
+            raise
+        except Exception as exc:  # Tune retries it from the last checkpoint
+            if run_log is not None:
+                run_log.note_error(f"{type(exc).__name__}: {exc}")
             raise
     if run_log is not None:
         run_log.finish("completed")
+
+
+def _train(config: TrialConfig, report: _Reporter, ckpt_dir: Path,
+           resume_from: Path | None) -> None:
+    """``train_trial`` with a checkpoint at the first evaluation, then every 30 s (and at the
+    end). A fresh trial runs in two segments: to its first evaluation, checkpointed and
+    reported, then on from that checkpoint (resuming is bit-for-bit, so the trajectory is the
+    one of an uninterrupted run)."""
+    corpus = load_trial_corpus(config)
+    if resume_from is None:
+        first = train_trial(config, report=lambda ev: report(ev) or True, checkpoint_dir=ckpt_dir,
+                            corpus=corpus, checkpoint_every_s=0.0)
+        if first.status == "completed":
+            return
+        resume_from = ckpt_dir
+    train_trial(config, report=report, checkpoint_dir=ckpt_dir, resume_from=resume_from,
+                corpus=corpus, checkpoint_every_s=_CHECKPOINT_EVERY_S)
+
+
+def _replay_final(restored: Path, config: TrialConfig, run_log: TrialRunLogger | None,
+                  tune: Any) -> None:
+    """The restored checkpoint is the trial's final one: report its final result again."""
+    result = json.loads((restored / FINAL_RESULT_FILE).read_text())
+    log.info("trial %s restored from its final checkpoint: re-reporting its final result",
+             config.trial_id)
+    if run_log is not None:
+        result["mlflow_run_id"] = run_log.run_id or result.get("mlflow_run_id") or ""
+        run_log.finish("completed")
+    tune.report({**result, "final": True, "replayed": True})
 
 
 def _restore_dir(checkpoint: Any, target: Path) -> Path:
