@@ -1,7 +1,9 @@
-"""Session-wide fixtures for integration tests: a real 2-node Ray cluster and an MLflow server.
+"""Session-wide fixtures for integration tests: a real 2-node Ray cluster, an MLflow server and
+a PostgreSQL server.
 
 Each service starts once per test session, and only if some selected test requests it.
-Tests that request `ray_cluster` or `mlflow_server` are marked `integration` automatically.
+Tests that request `ray_cluster`, `mlflow_server` or `postgres` are marked `integration`
+automatically.
 Skip them locally with `KLSTUDY_SKIP_INTEGRATION=1` or `--skip-integration` (CI runs them).
 """
 
