@@ -23,12 +23,22 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from analysis._noise import ALPHA, BEST, TIED, Mode, colour_limits, versus_best  # noqa: E402
+from analysis._noise import (  # noqa: E402
+    ALPHA,
+    BEST,
+    METRIC_NAMES,
+    TIED,
+    Mode,
+    colour_limits,
+    versus_best,
+)
 from workers._schedules import RAMPS  # noqa: E402
 
 GRID_COLUMNS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max")
 NOISE_NOTE = (f"★ best mean; outlined: not distinguishable from it (Welch t-test over seeds, "
               f"p ≥ {ALPHA:g}); colour range ≥ the median 95% CI")
+NO_NOISE_NOTE = ("★ best mean; one seed per cell: no seed-noise estimate, so colour differences "
+                 "may be noise")
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ def style_of(metric: str, mode: Mode | None = None) -> MetricStyle:
     if mode is None or (mode == "max") == style.higher_is_better:
         return style
     word = "higher" if mode == "max" else "lower"
-    short = style.label.split(" ")[0]
+    short = METRIC_NAMES.get(metric, metric)
     return MetricStyle(style.label, mode == "max", f"bright = {word} {short} (the objective)")
 
 
@@ -158,12 +168,13 @@ def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None
             _heatmap_panel(axes[i, j], panel, metric, (ms, rs), norm, cmap, decimals)
             axes[i, j].set_title(f"ramp {ramp}, β_max = {beta_max:g}", fontsize=9)
     bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.9, aspect=30)
-    bar.set_label(f"{style.label} — {style.direction}", fontsize=8)
+    bar.set_label(f"{style.label}\n{style.direction}", fontsize=7)
     if not style.higher_is_better:
         bar.ax.invert_yaxis()  # bright (better) on top, as for every other metric
     fig.suptitle(title or style.label, fontsize=11)
     if mark_noise:
-        fig.supxlabel(NOISE_NOTE, fontsize=7, color="0.3")
+        no_ci = not np.isfinite(cis[shown]).any()
+        fig.supxlabel(NO_NOISE_NOTE if no_ci else NOISE_NOTE, fontsize=7, color="0.3")
     return fig
 
 

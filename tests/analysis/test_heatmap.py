@@ -90,3 +90,11 @@ def test_objective_mode_sets_the_bright_end(metric, mode):
     assert np.allclose(image.cmap(image.norm(target)), colormaps["viridis"](1.0))
     star = next(t for t in texts(fig) if t.startswith("★"))
     assert float(star.split()[1]) == pytest.approx(target, abs=0.01)
+
+
+def test_figure_says_when_one_seed_gives_no_noise_estimate():
+    from analysis._heatmap import NO_NOISE_NOTE
+
+    table = config_table(pruned={(m, r): 2 for m in (1, 2, 4) for r in (0.25, 0.5, 1.0)})
+    fig = heatmap_figure(table, "elbo")  # every cell: 1 completed seed, no CI
+    assert fig.get_supxlabel() == NO_NOISE_NOTE
