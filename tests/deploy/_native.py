@@ -10,7 +10,7 @@ listen addresses, ports and Ray's temp dirs are added. MinIO is replaced by moto
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -205,8 +205,10 @@ class NativeStack(_Service):
             self._ray_procs.clear()
         stop_processes(self._procs)
         self._procs.clear()
-        import shutil
-
+        for logs in self.ray_root.glob("*/session_latest/logs"):  # kept for a failed run
+            shutil.copytree(logs, self.tmp_dir / f"ray-{logs.parent.parent.name}-logs",
+                            dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                            ignore=shutil.ignore_patterns("*.sock", "sockets"))
         shutil.rmtree(self.ray_root, ignore_errors=True)
 
 
@@ -218,12 +220,3 @@ def write_env_file(path: Path, pg: PostgresServer) -> Path:
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return path
 
-
-def run_env(base: dict[str, str]) -> dict[str, str]:
-    """`base` without variables of the calling test process that would leak in."""
-    env = dict(base)
-    for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        if name not in base or not base[name]:
-            env.pop(name, None)
-    env.setdefault("HOME", os.environ.get("HOME", "/root"))
-    return env

@@ -9,6 +9,7 @@ again, which resumes the study. A second study goes through the compose `submit`
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -99,6 +100,10 @@ def driver_command(spec_file: Path) -> list[str]:
     return native_command(entrypoint[:2]) + [str(spec_file)]  # the spec: ours, not the ConfigMap
 
 
+def _meta(study_dir: Path) -> dict[str, Any]:
+    return json.loads((study_dir / "study.json").read_text())
+
+
 def _kill_when_one_finished(proc: subprocess.Popen, storage: str, study_dir: Path) -> int:
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
@@ -127,13 +132,13 @@ def driven(stack: NativeStack, tmp_path_factory: pytest.TempPathFactory) -> dict
     finally:
         stop_processes([first])
     killed_s = time.monotonic() - started
-    status_after_kill = pd.read_json(study_dir / "study.json", typ="series")["status"]
+    status_after_kill = _meta(study_dir)["status"]
     runs = [subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
             for _ in range(2)]  # resumes, then finds the study finished
     return {"study_dir": study_dir, "env": env, "storage": storage, "n_at_kill": n_at_kill,
             "status_after_kill": status_after_kill, "resume": runs[0], "again": runs[1],
             "killed_s": killed_s, "total_s": time.monotonic() - started,
-            "meta": pd.read_json(study_dir / "study.json", typ="series")}
+            "meta": _meta(study_dir)}
 
 
 def test_health_checks_pass_natively(stack: NativeStack) -> None:
@@ -254,8 +259,6 @@ def test_report_rebuilt_from_mlflow_on_postgresql(driven: dict, stack: NativeSta
 
 def test_optuna_dashboard_lists_the_trials_with_their_states(driven: dict, stack: NativeStack,
                                                              tmp_path: Path) -> None:
-    import json
-
     port = free_port()
     url = stack.pg.url("optuna", with_password=False)  # the password: PGPASSWORD
     env = {**os.environ, "PGPASSWORD": stack.pg.password}
@@ -292,7 +295,7 @@ def test_submit_service_runs_a_study_as_a_ray_job(stack: NativeStack, tmp_path: 
     assert "SUCCEEDED" in proc.stdout
     study_dir = Path(env["KLSTUDY_STUDY_DIR"])  # on the cluster's `/data` volume
     assert study_dir.is_relative_to(stack.tmp_dir / "data")
-    meta = pd.read_json(study_dir / "study.json", typ="series")
+    meta = _meta(study_dir)
     assert meta["status"] == "finished" and meta["tracking_uri"] == stack.mlflow_uri
     assert n_finished(optuna_url(stack.pg), SUBMIT_SPEC["name"]) == 1
     assert (DOCKER / "entrypoint.sh").samefile(command[0])
