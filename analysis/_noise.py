@@ -117,9 +117,9 @@ def versus_best(table: pd.DataFrame, metric: str, mode: Mode, *,
 
 
 def typical_ci(cis: np.ndarray) -> float:
-    """The median finite, positive CI half-width (NaN when there is none)."""
+    """The median finite CI half-width (NaN when there is none; 0 when seeds agree exactly)."""
     cis = np.asarray(cis, dtype=float)
-    cis = cis[np.isfinite(cis) & (cis > 0)]
+    cis = cis[np.isfinite(cis)]
     return float(np.median(cis)) if cis.size else math.nan
 
 

@@ -114,7 +114,7 @@ def test_colour_limits_keep_a_data_range_wider_than_the_noise():
 @pytest.mark.parametrize(("values", "cis", "expected"), [
     ([1.0, 1.0], [np.nan, np.nan], (0.5, 1.5)),  # no spread, no CI
     ([np.nan], [0.1], (0.0, 1.0)),  # nothing to show
-    ([1.0, 2.0], [0.0, np.nan], (1.0, 2.0)),  # a zero CI is no noise estimate
+    ([1.0, 2.0], [0.0, 0.0, 1.4], (1.0, 2.0)),  # seeds that agree exactly are no noise
 ])
 def test_colour_limits_edge_cases(values, cis, expected):
     assert colour_limits(np.array(values), np.array(cis)) == pytest.approx(expected)
