@@ -107,13 +107,15 @@ def paired_vs_monotonic(finals: pd.DataFrame,
     Trials are paired by seed over the seeds completed in both configs. Per metric: the mean
     difference cyclical − monotonic, its 95% CI (t over the paired differences), the paired
     t-test p-value and, from 6 pairs on, the Wilcoxon signed-rank p-value. Below 2 pairs the
-    statistics are NaN and ``note`` says "too few seeds".
+    statistics are NaN and ``note`` says "too few seeds". R = 0 is left out: β is constant
+    there whatever M, so there is no cyclical schedule to compare.
 
     Returns:
         One row per (cyclical config, metric) with :data:`PAIRED_COLUMNS`; empty when the study
         has no monotonic or no cyclical config.
     """
     keys, shared = list(CONFIG_KEYS), [k for k in CONFIG_KEYS if k != "n_cycles"]
+    finals = finals[finals["ratio"] > 0]
     configs = finals[keys].drop_duplicates()
     monotonic = configs[configs["n_cycles"] == 1].drop(columns="n_cycles")
     cyclical = configs[configs["n_cycles"] > 1].merge(monotonic, on=shared).sort_values(keys)

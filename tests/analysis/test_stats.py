@@ -120,3 +120,10 @@ def test_paired_needs_a_baseline_at_the_same_ratio():
     frame = paired_study()
     frame.loc[frame["n_cycles"] == 1, "ratio"] = 0.25
     assert paired_vs_monotonic(frame).empty
+
+
+def test_paired_leaves_out_constant_beta_configs():
+    frame = paired_study()
+    constant = frame.assign(ratio=0.0)
+    result = paired_vs_monotonic(pd.concat([frame, constant], ignore_index=True))
+    assert set(result["ratio"]) == {0.5}
