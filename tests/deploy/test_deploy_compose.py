@@ -103,8 +103,15 @@ def test_klstudy_services_share_one_image(stack: dict) -> None:
     cpu = {services[name]["image"] for name in KLSTUDY_SERVICES if name != "ray-worker-gpu"}
     assert cpu == {"klstudy:0.1.0"}
     assert services["ray-worker-gpu"]["image"] == "klstudy:0.1.0-cuda"
-    assert services["ray-head"]["build"]["dockerfile"] == "docker/Dockerfile"
-    assert (Path(services["ray-head"]["build"]["context"]) / "docker/Dockerfile").is_file()
+    for name in KLSTUDY_SERVICES:  # built here, never pulled
+        build = services[name]["build"]
+        assert build["dockerfile"] == "docker/Dockerfile"
+        assert (Path(build["context"]) / "docker/Dockerfile").is_file()
+    args = services["ray-worker-gpu"]["build"]["args"]
+    header = (Path(services["ray-head"]["build"]["context"]) / "docker/Dockerfile").read_text()
+    for key, value in args.items():  # the CUDA build the Dockerfile documents
+        assert f"--build-arg {key}={value}" in header
+    assert "args" not in services["ray-head"]["build"]
 
 
 def test_gpu_worker_reserves_a_gpu_in_a_profile(stack: dict) -> None:
@@ -131,3 +138,12 @@ def test_every_variable_is_read_by_someone(stack: dict) -> None:
     for name in KLSTUDY_SERVICES:
         unknown = set(stack["services"][name]["environment"]) - read
         assert not unknown, (name, unknown)
+
+
+def test_submit_spec_is_in_the_image(stack: dict) -> None:
+    from _stack import REPO, final_stage
+
+    (spec,) = [a for a in stack["services"]["submit"]["command"] if a.endswith(".yaml")]
+    copies = [rest.split() for word, rest in final_stage() if word == "COPY"]
+    assert ["examples", "/opt/klstudy/examples"] in copies
+    assert (REPO / "examples" / Path(spec).relative_to("/opt/klstudy/examples")).is_file()
