@@ -10,9 +10,11 @@ from _stack import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
     KLSTUDY_SERVICES,
+    REPO,
     STANDARD_ENV,
     entrypoint_env_names,
     entrypoint_roles,
+    final_stage,
     read_env_file,
     resolved_compose,
     run_compose_config,
@@ -141,8 +143,6 @@ def test_every_variable_is_read_by_someone(stack: dict) -> None:
 
 
 def test_submit_spec_is_in_the_image(stack: dict) -> None:
-    from _stack import REPO, final_stage
-
     (spec,) = [a for a in stack["services"]["submit"]["command"] if a.endswith(".yaml")]
     copies = [rest.split() for word, rest in final_stage() if word == "COPY"]
     assert ["examples", "/opt/klstudy/examples"] in copies
