@@ -85,7 +85,7 @@ class PostgresServer(_Service):
         subprocess.run(
             [*self._as, str(self.bin_dir / "initdb"), "-D", str(self.root / "data"),
              "-A", "scram-sha-256", f"--pwfile={pwfile}", "-U", self.user, "--no-sync"],
-            check=True, capture_output=True, timeout=120,
+            check=True, capture_output=True, timeout=120, cwd=self.root,  # readable by postgres
         )
         pwfile.unlink()
         cmd = [*self._as, str(self.bin_dir / "postgres"), "-D", str(self.root / "data"),
