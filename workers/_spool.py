@@ -69,7 +69,8 @@ class Spool:
         self.durable = durable
         self._client = client
         self._writer = f"{os.getpid()}{os.urandom(3).hex()}"
-        self._streams: dict[str, Stream] = {}
+        self._streams: dict[str, Stream] = {}  # streams to send (finished, emptied ones leave)
+        self._known: set[str] = set()  # every stream this spool wrote to or adopted
         self._sizes: dict[str, int] = {}
         self._dropped: dict[str, list[int]] = {}  # key -> [records, points]
         self._cond = threading.Condition()
@@ -158,8 +159,15 @@ class Spool:
             ok = ok and outcome == "empty"
             with self._cond:
                 self._sizes[key] = stream.size_bytes()
+                if outcome == "empty" and stream.read_state().get("status") in _TERMINAL:
+                    self._forget(key)  # a finished run: stop scanning it (a write re-adds it)
         self._note_up()
         return ok
+
+    def _forget(self, key: str) -> None:
+        if not self._streams[key].pending():  # nothing arrived since the pass
+            del self._streams[key]
+            self._sizes.pop(key, None)
 
     def pending_records(self) -> int:
         return sum(len(s.pending()) for s in list(self._streams.values()))
@@ -201,14 +209,16 @@ class Spool:
         for path in sorted(self.root.iterdir()):
             if path.is_dir() and not path.name.startswith("."):
                 self._stream(path.name)
-        return len(self._streams)
+        return len(self._known)
 
     def summary(self) -> dict[str, Any]:
-        """Counts over this spool's streams (what every sender recorded in their state)."""
-        out: dict[str, Any] = {"streams": len(self._streams), "pending_records": 0,
+        """Counts over the streams this spool wrote to or adopted (what every sender of them
+        recorded in their state)."""
+        out: dict[str, Any] = {"streams": len(self._known), "pending_records": 0,
                                "sent_points": 0, "sent_records": 0, "rejected_records": 0,
                                "dropped_points": 0, "unresolved": [], "running": []}
-        for key, stream in sorted(self._streams.items()):
+        for key in sorted(self._known):
+            stream = self._streams.get(key) or Stream(self.root, key, writer=self._writer)
             state, n_pending = stream.read_state(), len(stream.pending())
             out["pending_records"] += n_pending
             for name in ("sent_points", "sent_records", "rejected_records"):
@@ -239,6 +249,7 @@ class Spool:
                 stream.set_identity({"run_id": key})
             with self._cond:
                 self._streams[key] = stream
+                self._known.add(key)
                 self._sizes[key] = stream.size_bytes()
         return stream
 

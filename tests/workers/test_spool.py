@@ -61,7 +61,7 @@ class FakeClient:
             found = [rid for rid, run in self.runs.items()
                      if run["experiment_id"] in experiment_ids
                      and all(run["tags"].get(k) == v for k, v in wanted.items())]
-            return [SimpleNamespace(info=SimpleNamespace(run_id=rid)) for rid in found][:max_results]
+            return [SimpleNamespace(info=SimpleNamespace(run_id=r)) for r in found][:max_results]
 
         return self._call("search_runs", work)
 
