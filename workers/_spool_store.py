@@ -218,12 +218,26 @@ class Stream:
             except BlockingIOError:
                 yield False
                 return
+            except OSError as exc:  # a file system without locks (some NFS set-ups)
+                _warn_no_lock(self.path, exc)
+                yield True
+                return
             try:
                 yield True
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+_NO_LOCK_WARNED: set[str] = set()
+
+
+def _warn_no_lock(path: Path, exc: OSError) -> None:
+    if str(path.parent) not in _NO_LOCK_WARNED:
+        _NO_LOCK_WARNED.add(str(path.parent))
+        log.warning("spool: cannot lock streams under %s (%s); sending without a lock, so two "
+                    "senders of one stream could send a point twice", path.parent, exc)
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

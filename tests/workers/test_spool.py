@@ -345,3 +345,18 @@ def test_trial_keys_are_file_names_and_distinct():
     assert trial_key("m2_r0.5_linear_b1.0_s0") == "trial-m2_r0.5_linear_b1.0_s0"
     assert trial_key("a/b") != trial_key("a_b")
     assert "/" not in trial_key("a/b")
+
+
+def test_a_stream_another_sender_holds_is_left_to_it(tmp_path):
+    client = FakeClient()
+    spool = Spool(tmp_path, URI, client=client, start=False)
+    key = _define_trial(spool)
+    _log_steps(spool, key, range(1, 3))
+    other = Spool(tmp_path, URI, client=client, start=False)
+    other.adopt_all()
+    with other._streams[key].locked() as mine:  # another process is sending this stream
+        assert mine
+        assert not spool.send_pending()
+        assert client.runs == {}
+    assert spool.send_pending()
+    _exactly_once(client, _only_run(client), range(1, 3))
