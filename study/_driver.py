@@ -227,6 +227,8 @@ def resume_study(study_dir: str | Path, *, address: str | None = None,
             raise StudyError(f"resume: study {meta['name']!r} in {str(sd.root)!r} already "
                              "finished")
         spec = _spec_from_meta(meta)
+        for stale in [*sd.root.glob("evaluations/part-*.tmp"), *sd.root.glob("latents/part-*.tmp")]:
+            stale.unlink()  # half-written by a killed driver; we hold the lock, nobody writes
         optuna_study = meta.get("optuna_study", meta["name"])  # older studies: the spec name
         _check_optuna(sd, spec, optuna_study, allow_new=allow_new_optuna)
         meta = sd.update_meta(status="running", resumed_at=now_iso())
