@@ -1,6 +1,7 @@
 """klstudy's trial side: the β schedule, data, the sentence VAE, metrics and the trainer.
 
-Imports neither ``study`` nor ``analysis``; Ray and MLflow appear only in ``workers._trainable``.
+Imports neither ``study`` nor ``analysis``; Ray appears only in ``workers._trainable``, MLflow
+only there and in the spool (``workers._spool*``), imported lazily.
 """
 
 from __future__ import annotations

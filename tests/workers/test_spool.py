@@ -360,3 +360,26 @@ def test_a_stream_another_sender_holds_is_left_to_it(tmp_path):
         assert client.runs == {}
     assert spool.send_pending()
     _exactly_once(client, _only_run(client), range(1, 3))
+
+
+def test_a_finished_stream_written_again_is_sent_again(tmp_path):
+    client = FakeClient()
+    spool = Spool(tmp_path, URI, client=client, start=False)
+    key = _define_trial(spool)
+    _log_steps(spool, key, range(1, 3))
+    spool.terminate(key, "FINISHED")
+    assert spool.send_pending()  # done: the sender stops scanning it
+    spool.terminate(key, "KILLED", tags={"klstudy.status": "pruned"})  # e.g. the driver, later
+    assert spool.send_pending()
+    assert client.runs[_only_run(client)]["status"] == "KILLED"
+    assert spool.summary()["streams"] == 1
+
+
+def test_one_process_shares_one_spool_per_directory(tmp_path):
+    a = spool_module.shared_spool(tmp_path, URI)
+    try:
+        assert spool_module.shared_spool(tmp_path / ".", URI) is a
+        assert spool_module.shared_spool(tmp_path, "sqlite:///other.db") is not a
+    finally:
+        for spool in list(spool_module._SHARED.values()):
+            spool.close(0.0)
