@@ -30,6 +30,7 @@ from typing import Any
 from workers._config import ConfigError, TrialConfig
 from workers._data import DataError
 from workers._records import mlflow_metrics
+from workers._secrets import reveal
 from workers._spool import Spool, shared_spool, trial_key
 from workers._trainer import (
     CheckpointError,
@@ -180,7 +181,10 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     has ``klstudy_error``); raises what Tune should retry; Tune's stop (SystemExit) passes.
     """
     tune = _tune()
-    study = tune_config.get("study") or {}
+    study = dict(tune_config.get("study") or {})
+    if study.get("tracking_uri"):  # a redacted URI: its credentials are in the study's secrets
+        study["tracking_uri"] = reveal(study["tracking_uri"], study_dir=study.get("study_dir"),
+                                       key="tracking_uri")
     trial_id = str((tune_config.get("trial") or {}).get("trial_id", ""))
     run_log: TrialRunLogger | None = None
     reporter: _Reporter | None = None
