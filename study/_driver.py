@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study._parent_run import close_parent_run, open_parent_run, reopen_parent_run
+from study._reconcile import reconcile
 from study._status import StudyError, objective_of, read_meta_checked, study_status
 from study._store import StudyDir, StudyLock, StudyLocked, now_iso
 from workers._secrets import redact_text, redact_url, reveal, write_secrets
@@ -338,6 +339,10 @@ def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.monotonic()
+    try:
+        uri = _tracking(sd, meta)
+    except PermissionError as exc:
+        raise StudyError(str(exc)) from None
     we_started_ray = _init_ray(address)
     status = "interrupted"
     try:
@@ -349,28 +354,17 @@ def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None,
         status = "failed"
         raise
     finally:
-        _drain_spools(sd, meta)
+        _safely("reconcile MLflow with the study's record", reconcile, sd, uri, meta, status)
         summary = dataclasses.replace(_summarise(sd, meta, time.monotonic() - started),
                                       status=status)
         sd.update_meta(status=status, finished_at=now_iso(), counts=summary.counts,
                        best_trial=summary.best_trial, best_value=summary.best_value)
-        _safely("close the MLflow parent run", close_parent_run, _tracking(sd, meta), meta,
-                summary, status)
+        _safely("close the MLflow parent run", close_parent_run, uri, meta, summary, status)
         if we_started_ray:
             import ray
 
             ray.shutdown()
     return summary
-
-
-def _drain_spools(sd: StudyDir, meta: dict[str, Any]) -> None:
-    """Send whatever MLflow writes the trials left in their spools (workers._spool)."""
-    try:
-        from workers._spool import drain_spools
-    except ImportError:
-        return
-    _safely("send the trials' spooled MLflow writes", drain_spools, sd.root / "spool",
-            _tracking(sd, meta), 60.0)
 
 
 def _summarise(sd: StudyDir, meta: dict[str, Any], wall_s: float) -> StudySummary:

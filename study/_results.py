@@ -25,6 +25,7 @@ from workers import (
     config_columns,
     evaluation_rows,
     latent_rows,
+    trial_key,
 )
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ class StudyRecorder(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.flush()
         progress_log.info(self.progress_line())
+        if self._client is not None:  # hand what is left to the driver's drain (_reconcile)
+            self._client.close(10.0)
+            self._client = None
 
     # --- bookkeeping ----------------------------------------------------------------------
     def _new_row(self, config: TrialConfig) -> dict[str, Any]:
@@ -179,26 +183,28 @@ class StudyRecorder(Callback):
         write_table(self.study_dir.root / "trials.parquet", list(self.trials.values()), TRIAL_COLUMNS)
 
     def _tag_run(self, row: dict[str, Any]) -> None:
-        run_id = row.get("mlflow_run_id")
-        if not (self.tracking_uri and run_id):
+        """What only the driver knows (pruned, error) goes to the trial's MLflow run through the
+        trial's own spool stream (``workers._spool``): never an MLflow call inside Tune's event
+        loop, and in order with the worker's own writes, even before the run exists."""
+        if not self.tracking_uri:
             return
         try:
-            if self._client is None:
-                from mlflow.tracking import MlflowClient
-
+            if self._client is None:  # the driver's spool; the name is kept for pickling
                 from workers._secrets import reveal
+                from workers._spool import shared_spool
 
                 uri = reveal(self.tracking_uri, study_dir=self.study_dir.root, key="tracking_uri")
-                self._client = MlflowClient(tracking_uri=uri)
-            self._client.set_tag(run_id, "klstudy.status", row["status"])
+                self._client = shared_spool(self.study_dir.root / "spool", uri)
+            key = trial_key(row["trial_id"])
             if row["status"] == "pruned":
-                self._client.set_tag(run_id, "klstudy.pruned_at_step", str(row.get("pruned_at_step")))
-                self._client.set_terminated(run_id, "KILLED")
+                self._client.terminate(key, "KILLED", tags={
+                    "klstudy.status": "pruned", "klstudy.pruned_at_step": row.get("pruned_at_step")})
             elif row["status"] == "error":
-                self._client.set_tag(run_id, "klstudy.error", str(row.get("error"))[:4000])
-                self._client.set_terminated(run_id, "FAILED")
+                self._client.terminate(key, "FAILED", tags={
+                    "klstudy.status": "error", "klstudy.error": str(row.get("error"))[:4000]})
         except Exception:  # tracking trouble must not kill the study; the Parquet record stands
-            log.warning("could not tag MLflow run %s of trial %s", run_id, row["trial_id"], exc_info=True)
+            log.warning("could not spool the MLflow status of trial %s", row["trial_id"],
+                        exc_info=True)
 
     def counts(self) -> dict[str, int]:
         counts = {"completed": 0, "pruned": 0, "running": 0, "error": 0}
