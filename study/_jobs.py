@@ -9,12 +9,13 @@ spec travels in the job's ``working_dir``; klstudy itself must be installed on t
 from __future__ import annotations
 
 import shlex
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from workers._secrets import has_secret, redact_text, redact_url
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _PACKAGES = ("study", "workers", "analysis")
@@ -27,9 +28,28 @@ class Submission:
     study_dir: str
 
 
+def check_cluster_tracking(tracking_uri: str | None) -> None:
+    """A study on a cluster logs from every node: refuse, up front, a store only one node has.
+
+    Raises:
+        ValueError: no tracking URI (the default is an sqlite file in the study directory),
+            or an sqlite/file store.
+    """
+    local = "the default sqlite store in the study directory" if not tracking_uri else (
+        repr(redact_url(tracking_uri)) if tracking_uri.startswith(("sqlite:", "file:"))
+        or "://" not in tracking_uri else None)
+    if local:
+        raise ValueError(
+            f"--tracking-uri: a study on a cluster needs an MLflow server every node can reach "
+            f"(trials on other nodes cannot write {local}); pass --tracking-uri "
+            "http://HOST:5000 or set $KLSTUDY_TRACKING_URI")
+
+
 def _entrypoint(study_dir: str, tracking_uri: str | None, python: str) -> str:
+    """The job's command line; a URI with credentials goes through the environment instead
+    (a command line is shown by the dashboard and by ``ps`` on the head)."""
     args = [python, "-m", "study.cli", "-v", "run", "spec.yaml", "--study-dir", study_dir]
-    if tracking_uri:
+    if tracking_uri and not has_secret(tracking_uri):
         args += ["--tracking-uri", tracking_uri]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -42,8 +62,16 @@ def submit_study(spec_path: Path, *, address: str, study_dir: str, tracking_uri:
 
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="klstudy-job-") as tmp:
-        shutil.copyfile(spec_path, Path(tmp) / "spec.yaml")
         runtime_env: dict = {"working_dir": tmp, "env_vars": dict(env_vars or {})}
+        text = Path(spec_path).read_text(encoding="utf-8")
+        if redact_text(text) != text:  # pruning.storage with a password: through the env
+            from study._spec import load_spec
+
+            runtime_env["env_vars"]["KLSTUDY_OPTUNA_STORAGE"] = load_spec(spec_path).pruning.storage
+            text = redact_text(text)
+        (Path(tmp) / "spec.yaml").write_text(text, encoding="utf-8")
+        if tracking_uri and has_secret(tracking_uri):
+            runtime_env["env_vars"]["KLSTUDY_TRACKING_URI"] = tracking_uri
         if ship_code:
             root = Path(__file__).resolve().parent.parent
             runtime_env["py_modules"] = [str(root / p) for p in _PACKAGES]

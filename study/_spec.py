@@ -138,9 +138,27 @@ def _check_text_dir(path: str) -> None:
     if not root.is_dir():
         raise _fail("not a directory", path, at="path")
     layouts = [[f"{prefix}{split}.txt" for split in _SPLITS] for prefix in ("", "ptb.")]
-    if not any(all((root / name).is_file() for name in names) for names in layouts):
+    found = next((names for names in layouts if all((root / n).is_file() for n in names)), None)
+    if found is None:
         message = "must hold train.txt valid.txt test.txt (or ptb.train.txt …)"
         raise _fail(message, path, at="path")
+    for name in found:
+        _check_split_file(root / name)
+
+
+def _check_split_file(file: Path) -> None:
+    """Readable UTF-8 text with at least one sentence: caught here, not twice in every trial."""
+    try:
+        with file.open(encoding="utf-8") as f:
+            has_sentence = any(line.strip() for line in f)
+    except UnicodeDecodeError as exc:
+        raise _fail(f"{file.name} is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                    str(file), at="path") from None
+    except OSError as exc:
+        raise _fail(f"{file.name} cannot be read ({exc.strerror})", str(file), at="path") from None
+    if not has_sentence:
+        raise _fail(f"{file.name} holds no sentence (empty or blank lines only)", str(file),
+                    at="path")
 
 
 class TrainSpec(_Section):

@@ -81,10 +81,26 @@ def _print_summary(summary) -> int:
     return {"finished": 0, "interrupted": 130}.get(summary.status, 1)
 
 
+def _storage_from_env(spec, text: str):  # -> (StudySpec, text)
+    """``$KLSTUDY_OPTUNA_STORAGE`` (a URL with credentials, kept out of files and command
+    lines) replaces the spec's ``pruning.storage``."""
+    from study._spec import SpecError, parse_spec
+
+    url = os.environ.get("KLSTUDY_OPTUNA_STORAGE")
+    if not url:
+        return spec, text
+    data = spec.to_dict()
+    data["pruning"]["storage"] = url
+    try:
+        return parse_spec(data), text
+    except SpecError as exc:
+        raise UserError(f"$KLSTUDY_OPTUNA_STORAGE: {exc}") from None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from study._driver import StudyError, run_study
 
-    spec, text = _load_spec(args.spec)
+    spec, text = _storage_from_env(*_load_spec(args.spec))
     study_dir = (args.study_dir or Path("klstudy-runs") / spec.name).expanduser()
     print(f"study {spec.name!r}: {spec.n_trials()} trials -> {study_dir}", flush=True)
     _show_progress()
@@ -156,7 +172,9 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://HOST:8265")
     p.add_argument("--study-dir", default=None,
                    help="study directory on the cluster (default: ~/klstudy-runs/<name> there)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI the cluster can reach")
+    p.add_argument("--tracking-uri", default=os.environ.get("KLSTUDY_TRACKING_URI"),
+                   help="MLflow server URL every node can reach (default: "
+                   "$KLSTUDY_TRACKING_URI); credentials travel in the job's environment")
     p.add_argument("--ship-code", action="store_true",
                    help="upload klstudy's packages with the job (cluster lacks klstudy)")
     p.add_argument("--python", default="python", help="python executable on the cluster")
@@ -165,9 +183,13 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from study._jobs import follow_job, submit_study
+    from study._jobs import check_cluster_tracking, follow_job, submit_study
 
     spec, _ = _load_spec(args.spec)
+    try:
+        check_cluster_tracking(args.tracking_uri or spec.tracking.uri)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     study_dir = args.study_dir or f"~/klstudy-runs/{spec.name}"  # expanded on the cluster
     try:
         submission = submit_study(args.spec, address=args.address, study_dir=study_dir,
