@@ -26,6 +26,7 @@ from matplotlib.patches import Circle, Rectangle  # noqa: E402
 
 from analysis._heatmap import all_pruned  # noqa: E402
 from analysis._noise import Mode  # noqa: E402
+from analysis._stats import lr_schedules  # noqa: E402
 from workers._schedules import beta_at  # noqa: E402
 
 
@@ -39,6 +40,12 @@ class CurveSpec:
     ratio: float
     ramp: str
     beta_max: float
+    lr_schedule: str = "constant"
+
+
+def _lr_of(row: pd.Series) -> str:
+    value = row.get("lr_schedule", "constant")
+    return "constant" if pd.isna(value) else str(value)
 
 
 def _best_row(table: pd.DataFrame, mask: pd.Series, metric: str,
@@ -67,14 +74,18 @@ def pick_curve_configs(table: pd.DataFrame, *, metric: str = "elbo",
             label = (f"{kind}: M={int(row['n_cycles'])} R={row['ratio']:g} {row['ramp']} "
                      f"β_max={row['beta_max']:g}" if kind != "constant"
                      else f"constant: β={row['beta_max']:g} (R=0)")
+            lr = _lr_of(row)
+            label += f" lr {lr}" if lr != "constant" else ""
             specs.append(CurveSpec(label, int(row["n_cycles"]), float(row["ratio"]),
-                                   str(row["ramp"]), float(row["beta_max"])))
+                                   str(row["ramp"]), float(row["beta_max"]), lr))
     return specs
 
 
 def config_rows(frame: pd.DataFrame, spec: CurveSpec) -> pd.DataFrame:
-    return frame[(frame["n_cycles"] == spec.n_cycles) & np.isclose(frame["ratio"], spec.ratio)
-                 & (frame["ramp"] == spec.ramp) & np.isclose(frame["beta_max"], spec.beta_max)]
+    """The rows of ``frame`` (trials, evaluations) that belong to ``spec``'s configuration."""
+    mask = ((frame["n_cycles"] == spec.n_cycles) & np.isclose(frame["ratio"], spec.ratio)
+            & (frame["ramp"] == spec.ramp) & np.isclose(frame["beta_max"], spec.beta_max))
+    return frame[mask & (lr_schedules(frame) == spec.lr_schedule)]
 
 
 def cycle_boundaries(total_steps: int, n_cycles: int) -> list[int]:

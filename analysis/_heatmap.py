@@ -32,6 +32,7 @@ from analysis._noise import (  # noqa: E402
     colour_limits,
     versus_best,
 )
+from analysis._stats import lr_schedules  # noqa: E402
 from workers._schedules import RAMPS  # noqa: E402
 
 GRID_COLUMNS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max")
@@ -77,6 +78,27 @@ def ramp_order(ramps: Sequence[str]) -> list[str]:
     return known + sorted(set(ramps) - set(known))
 
 
+def panel_grid(table: pd.DataFrame) -> tuple[list[tuple[str, str]], list[float]]:
+    """The panels of a figure: rows (ramp, lr schedule) and columns β_max present in ``table``."""
+    lr = lr_schedules(table)
+    rows = []
+    for ramp in ramp_order(list(table["ramp"].unique())):
+        rows += [(ramp, s) for s in sorted(lr[table["ramp"] == ramp].unique())]
+    return rows, sorted(table["beta_max"].unique())
+
+
+def panel_rows(table: pd.DataFrame, row: tuple[str, str], beta_max: float) -> pd.DataFrame:
+    """The configurations of one panel."""
+    return table[(table["ramp"] == row[0]) & (lr_schedules(table) == row[1])
+                 & np.isclose(table["beta_max"], beta_max)]
+
+
+def panel_title(table: pd.DataFrame, row: tuple[str, str], beta_max: float) -> str:
+    """``ramp linear, β_max = 1`` (plus ``, lr cyclical_cosine`` when the study varies it)."""
+    lr = f", lr {row[1]}" if lr_schedules(table).nunique() > 1 else ""
+    return f"ramp {row[0]}{lr}, β_max = {beta_max:g}"
+
+
 def all_pruned(row: pd.Series) -> bool:
     n_seeds, n_pruned = int(row.get("n_seeds", 0) or 0), int(row.get("n_pruned", 0) or 0)
     return n_seeds > 0 and n_pruned >= n_seeds
@@ -120,7 +142,8 @@ def _status_note(row: pd.Series) -> str:
 
 def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None,
                    mode: Mode | None = None, mark_noise: bool = True) -> Figure:
-    """Mean ``metric`` per configuration over M (x) × R (y): one panel per ramp (rows) × β_max.
+    """Mean ``metric`` per configuration over M (x) × R (y): one panel per ramp (rows; and lr
+    schedule when it varies) × β_max (columns).
 
     Args:
         table: ``analysis.config_table`` output — one row per (n_cycles, ratio, ramp, beta_max)
@@ -157,16 +180,16 @@ def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None
     verdict = versus_best(table[shown], metric, "max" if style.higher_is_better else "min")
     table = table.assign(_verdict=verdict["verdict"].reindex(table.index) if mark_noise else "")
     ms, rs = sorted(table["n_cycles"].unique()), sorted(table["ratio"].unique())
-    ramps, betas = ramp_order(list(table["ramp"].unique())), sorted(table["beta_max"].unique())
+    rows, betas = panel_grid(table)
     decimals = _decimals(values[shown])
     fig = Figure(figsize=(len(betas) * (0.95 * len(ms) + 1.3) + 1.2,
-                          len(ramps) * (0.62 * len(rs) + 1.0) + 0.8), layout="constrained")
-    axes = fig.subplots(len(ramps), len(betas), squeeze=False)
-    for i, ramp in enumerate(ramps):
+                          len(rows) * (0.62 * len(rs) + 1.0) + 0.8), layout="constrained")
+    axes = fig.subplots(len(rows), len(betas), squeeze=False)
+    for i, row in enumerate(rows):
         for j, beta_max in enumerate(betas):
-            panel = table[(table["ramp"] == ramp) & np.isclose(table["beta_max"], beta_max)]
+            panel = panel_rows(table, row, beta_max)
             _heatmap_panel(axes[i, j], panel, metric, (ms, rs), norm, cmap, decimals)
-            axes[i, j].set_title(f"ramp {ramp}, β_max = {beta_max:g}", fontsize=9)
+            axes[i, j].set_title(panel_title(table, row, beta_max), fontsize=9)
     bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.9, aspect=30)
     bar.set_label(f"{style.label}\n{style.direction}", fontsize=7)
     if not style.higher_is_better:

@@ -64,15 +64,18 @@ def _cell(rows: pd.DataFrame) -> str:
 
 
 def pruned_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """Rows M (with ramp and β_max when the study has several), columns R: pruned counts."""
-    keys = [k for k in ("ramp", "beta_max") if trials[k].nunique() > 1]
+    """Rows M (with ramp, lr schedule and β_max when the study varies them), columns R:
+    pruned counts."""
+    keys = [k for k in ("ramp", "lr_schedule", "beta_max")
+            if k in trials.columns and trials[k].nunique() > 1]
     cells = {}
     for group, rows in trials.groupby([*keys, "n_cycles", "ratio"], sort=True):
         cells[group] = _cell(rows)
     index = pd.MultiIndex.from_tuples(list(cells), names=[*keys, "n_cycles", "ratio"])
     wide = pd.Series(list(cells.values()), index=index).unstack("ratio").fillna("—")
     wide.columns = [f"R={r:g}" for r in wide.columns]
-    view = wide.reset_index().rename(columns={"n_cycles": "M", "beta_max": "β_max"})
+    view = wide.reset_index().rename(columns={"n_cycles": "M", "beta_max": "β_max",
+                                              "lr_schedule": "lr"})
     if "ramp" in view.columns:
         rank = {r: i for i, r in enumerate(ramp_order(list(view["ramp"].unique())))}
         view = view.sort_values(by="ramp", key=lambda s: s.map(rank), kind="stable")

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analysis._heatmap import ramp_order  # noqa: E402
+from analysis._heatmap import panel_grid, panel_rows, panel_title  # noqa: E402
 
 # schedule family → (marker, colour, legend label)
 KINDS: dict[str, tuple[str, str, str]] = {
@@ -83,7 +83,8 @@ def _panel(ax, rows: pd.DataFrame) -> None:
 
 
 def rate_distortion_figure(table: pd.DataFrame) -> Figure:
-    """Every configuration in the (KL, Rec) plane, one panel per ramp (rows) × β_max (columns).
+    """Every configuration in the (KL, Rec) plane, one panel per ramp (rows; and lr schedule
+    when it varies) × β_max (columns).
 
     Args:
         table: ``analysis.config_table`` output with ``kl_*`` and ``rec_*`` columns (final
@@ -106,21 +107,21 @@ def rate_distortion_figure(table: pd.DataFrame) -> Figure:
         raise ValueError("rate-distortion figure: no configuration with a final KL and Rec")
     rows = rows.assign(_kind=[schedule_kind(m, r) for m, r in zip(rows["n_cycles"],
                                                                    rows["ratio"], strict=True)])
-    ramps, betas = ramp_order(list(rows["ramp"].unique())), sorted(rows["beta_max"].unique())
+    panels, betas = panel_grid(rows)
     xlim, ylim = _limits(*(rows[c].to_numpy(float) for c in ("kl_mean", "rec_mean")),
                          *(rows[c].fillna(0).to_numpy(float) for c in ("kl_ci", "rec_ci")))
-    side = 4.2 if len(ramps) * len(betas) == 1 else 3.4
-    fig = Figure(figsize=(side * len(betas) + 0.4, side * len(ramps) + 0.9), layout="constrained")
-    axes = fig.subplots(len(ramps), len(betas), squeeze=False, sharex=True, sharey=True)
-    for i, ramp in enumerate(ramps):
+    side = 4.2 if len(panels) * len(betas) == 1 else 3.4
+    fig = Figure(figsize=(side * len(betas) + 0.4, side * len(panels) + 0.9), layout="constrained")
+    axes = fig.subplots(len(panels), len(betas), squeeze=False, sharex=True, sharey=True)
+    for i, panel in enumerate(panels):
         for j, beta_max in enumerate(betas):
             ax = axes[i, j]
             ax.set_xlim(*xlim)
             ax.set_ylim(*ylim)
             ax.set_aspect("equal", adjustable="box")
             _iso_elbo_lines(ax, xlim, ylim)
-            _panel(ax, rows[(rows["ramp"] == ramp) & np.isclose(rows["beta_max"], beta_max)])
-            ax.set_title(f"ramp {ramp}, β_max = {beta_max:g}", fontsize=9)
+            _panel(ax, panel_rows(rows, panel, beta_max))
+            ax.set_title(panel_title(rows, panel, beta_max), fontsize=9)
     present = [k for k in KINDS if k in set(rows["_kind"])]
     handles = [Line2D([], [], marker=KINDS[k][0], color=KINDS[k][1], mec="black", mew=0.5,
                       ls="none", label=KINDS[k][2]) for k in present]

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-CONFIG_KEYS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max")
+CONFIG_KEYS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max", "lr_schedule")
+DEFAULT_LR_SCHEDULE = "constant"  # what a frame without an lr_schedule column ran
 PAIRED_COLUMNS: tuple[str, ...] = (*CONFIG_KEYS, "metric", "n_pairs", "mean_diff", "ci", "ci_low",
                                    "ci_high", "p_value", "p_wilcoxon", "note")
 MIN_WILCOXON_PAIRS = 6
@@ -42,6 +43,19 @@ def mean_ci(values: Iterable[float], *, confidence: float = 0.95) -> tuple[float
     return mean, half, n
 
 
+def lr_schedules(frame: pd.DataFrame) -> pd.Series:
+    """The ``lr_schedule`` of each row as str, ``"constant"`` where absent or missing."""
+    if "lr_schedule" not in frame.columns:
+        return pd.Series(DEFAULT_LR_SCHEDULE, index=frame.index, dtype=object)
+    s = frame["lr_schedule"].astype(object)
+    return s.where(s.notna(), DEFAULT_LR_SCHEDULE).astype(str)
+
+
+def with_lr_schedule(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with an ``lr_schedule`` column (``"constant"`` where absent or missing)."""
+    return frame.assign(lr_schedule=lr_schedules(frame))
+
+
 def _completed(finals: pd.DataFrame) -> pd.DataFrame:
     return finals[finals["status"] == "completed"]
 
@@ -55,7 +69,8 @@ def _half_widths(std: pd.Series, n: pd.Series, confidence: float = 0.95) -> pd.S
 
 def config_table(finals: pd.DataFrame,
                  metrics: Sequence[str] = ("elbo", "rec", "kl", "mi", "au")) -> pd.DataFrame:
-    """Per config (n_cycles, ratio, ramp, beta_max): mean, 95% CI half-width and n per metric.
+    """Per config (n_cycles, ratio, ramp, beta_max, lr_schedule): mean, 95% CI half-width and
+    n per metric.
 
     Returns:
         One row per config, sorted by the config keys, with ``{metric}_mean``, ``{metric}_ci``
@@ -63,6 +78,7 @@ def config_table(finals: pd.DataFrame,
         ``n_seeds`` (all trials of the config), ``n_completed``, ``n_pruned``, ``n_error``.
     """
     keys = list(CONFIG_KEYS)
+    finals = with_lr_schedule(finals)
     flags = {f"n_{s}": finals["status"] == s for s in ("completed", "pruned", "error")}
     status = finals[keys].assign(**flags)
     table = status.groupby(keys, sort=True).agg(
@@ -102,7 +118,8 @@ def _paired_row(diffs: np.ndarray) -> dict[str, object]:
 
 def paired_vs_monotonic(finals: pd.DataFrame,
                         metrics: Sequence[str] = ("rec", "kl", "elbo")) -> pd.DataFrame:
-    """Each cyclical config against the monotonic one (n_cycles = 1) at the same R, ramp, β_max.
+    """Each cyclical config against the monotonic one (n_cycles = 1) at the same R, ramp, β_max
+    and lr schedule.
 
     Trials are paired by seed over the seeds completed in both configs. Per metric: the mean
     difference cyclical − monotonic, its 95% CI (t over the paired differences), the paired
@@ -115,7 +132,7 @@ def paired_vs_monotonic(finals: pd.DataFrame,
         has no monotonic or no cyclical config.
     """
     keys, shared = list(CONFIG_KEYS), [k for k in CONFIG_KEYS if k != "n_cycles"]
-    finals = finals[finals["ratio"] > 0]
+    finals = with_lr_schedule(finals[finals["ratio"] > 0])
     configs = finals[keys].drop_duplicates()
     monotonic = configs[configs["n_cycles"] == 1].drop(columns="n_cycles")
     cyclical = configs[configs["n_cycles"] > 1].merge(monotonic, on=shared).sort_values(keys)

@@ -49,7 +49,10 @@ def pm(mean: float, half: float, *, signed: bool = False) -> str:
 
 
 def config_text(row: pd.Series | dict) -> str:
-    return f"M={row['n_cycles']}, R={row['ratio']:g} ({row['ramp']}, β_max={row['beta_max']:g})"
+    lr = row.get("lr_schedule", "constant")
+    lr_text = f", lr {lr}" if isinstance(lr, str) and lr != "constant" else ""
+    return (f"M={row['n_cycles']}, R={row['ratio']:g} ({row['ramp']}, "
+            f"β_max={row['beta_max']:g}{lr_text})")
 
 
 def _seeds(n: int) -> str:
@@ -124,9 +127,11 @@ def comparison_lines(table: pd.DataFrame, paired: pd.DataFrame,
                 "and M>1 with the same R, ramp and β_max."]
     top = _top_cyclical(table, paired, objective)
     same = paired[(paired[list(CONFIG_KEYS)] == top[list(CONFIG_KEYS)]).all(axis=1)]
+    lr = top.get("lr_schedule", "constant")
+    lr_text = f", lr {lr}" if isinstance(lr, str) and lr != "constant" else ""
     head = (f"Cyclical vs monotonic (M={top['n_cycles']} vs M=1, R={top['ratio']:g}, "
-            f"{top['ramp']}, β_max={top['beta_max']:g}; the best cyclical configuration by "
-            f"{objective.label})")
+            f"{top['ramp']}, β_max={top['beta_max']:g}{lr_text}; the best cyclical "
+            f"configuration by {objective.label})")
     n = int(top["n_pairs"])
     if n < 2:
         return [f"{head}: too few seeds for a claim (n={n})"]

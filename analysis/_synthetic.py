@@ -82,7 +82,8 @@ def write_synthetic_study(
         n_evals: evaluations of a trial that runs to the end (every 50 optimizer steps).
         seed: of the random curves, prunings and errors.
         tracking_uri: also log parent + child runs there (batched ``log_batch`` calls).
-        grid: axes ``n_cycles``, ``ratio``, ``ramp``, ``beta_max``.
+        grid: axes ``n_cycles``, ``ratio``, ``ramp``, ``beta_max`` and optionally
+            ``lr_schedule`` (default constant).
         name: the study (and experiment) name; default the directory name.
         n_running: the last this many trials are still running (half their evaluations), and the
             study is marked running.
@@ -114,17 +115,19 @@ def write_synthetic_study(
 
 def _configs(name: str, n_trials: int, n_evals: int,
              grid: Mapping[str, Sequence[Any]]) -> list[TrialConfig]:
-    axes = (grid["n_cycles"], grid["ratio"], grid["ramp"], grid["beta_max"])
+    axes = (grid["n_cycles"], grid["ratio"], grid["ramp"], grid["beta_max"],
+            grid.get("lr_schedule", ("constant",)))
     points = list(itertools.product(*axes))
     configs = []
     for index in range(n_trials):
-        m, r, ramp, b = points[index % len(points)]
+        m, r, ramp, b, lr = points[index % len(points)]
         s = index // len(points)
+        lr_tag = "" if lr == "constant" else f"-{lr}"
         configs.append(TrialConfig(
             model="toy", data="toy", total_steps=n_evals * EVAL_EVERY_STEPS,
             eval_every_steps=EVAL_EVERY_STEPS, n_cycles=int(m), ratio=float(r), ramp=ramp,
-            beta_max=float(b), seed=s, device="cpu",
-            trial_id=f"t{index:04d}-M{m}-R{r:g}-{ramp}-b{b:g}-s{s}",
+            beta_max=float(b), lr_schedule=lr, seed=s, device="cpu",
+            trial_id=f"t{index:04d}-M{m}-R{r:g}-{ramp}-b{b:g}{lr_tag}-s{s}",
         ).resolved())
     return configs
 

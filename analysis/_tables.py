@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis._noise import BEST, DIFFERS, METRIC_NAMES, TIED, UNTESTED, Objective, versus_best
+from analysis._stats import CONFIG_KEYS
 
 VERSUS_BEST = {BEST: "★ best", TIED: "within noise", DIFFERS: "differs",
                UNTESTED: "untested (1 seed)", "": "—"}
@@ -35,6 +36,8 @@ def config_view(table: pd.DataFrame, objective: Objective,
                          "β_max": table["beta_max"], "trials": table.get("n_seeds"),
                          "completed": table.get("n_completed"), "pruned": table.get("n_pruned"),
                          "errors": table.get("n_error")})
+    if "lr_schedule" in table.columns and table["lr_schedule"].nunique() > 1:
+        view.insert(4, "lr", table["lr_schedule"])
     for metric in metrics:
         if f"{metric}_mean" in table.columns:
             view[METRIC_NAMES.get(metric, metric)] = table.apply(_mean_ci, axis=1, metric=metric)
@@ -43,7 +46,7 @@ def config_view(table: pd.DataFrame, objective: Objective,
         view[f"vs best {objective.name} ({objective.mode})"] = [
             _versus_best_text(v, p) for v, p in zip(versus["verdict"], versus["p_vs_best"],
                                                     strict=True)]
-    return view.sort_values(["ramp", "β_max", "M", "R"])
+    return view.sort_values([c for c in ("ramp", "lr", "β_max", "M", "R") if c in view.columns])
 
 
 def _paired_cell(row: pd.Series) -> str:
@@ -56,7 +59,7 @@ def _paired_cell(row: pd.Series) -> str:
 
 def paired_view(paired: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """One row per cyclical configuration; per metric "diff ± CI (p)"."""
-    keys = ["n_cycles", "ratio", "ramp", "beta_max"]
+    keys = [k for k in CONFIG_KEYS if k in paired.columns]
     if paired.empty:
         return paired
     cells = paired.assign(cell=paired.apply(_paired_cell, axis=1))
@@ -66,4 +69,6 @@ def paired_view(paired: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     view = pd.DataFrame({"pairs": pairs, **{f"{METRIC_NAMES.get(m, m)} cyc − mono": wide[m]
                                             for m in metrics if m in wide.columns},
                          "note": notes}).reset_index()
-    return view.rename(columns={"n_cycles": "M", "ratio": "R", "beta_max": "β_max"})
+    view = view.rename(columns={"n_cycles": "M", "ratio": "R", "beta_max": "β_max",
+                                "lr_schedule": "lr"})
+    return view if view["lr"].nunique() > 1 else view.drop(columns="lr")

@@ -82,14 +82,27 @@ def serve_ui(study_dir: str | os.PathLike[str], *, port: int,
              host: str = "127.0.0.1") -> subprocess.Popen:
     """Start the MLflow UI server in its own process group; stop it with :func:`stop_ui`.
 
-    Its output goes to ``<study_dir>/mlflow-ui.log``.
+    Its output goes to ``<study_dir>/mlflow-ui.log``. On Linux the server also gets SIGTERM
+    when this process dies, however it dies (``PR_SET_PDEATHSIG``), so it never outlives us.
     """
     cmd = ui_command(study_dir, port=port, host=host)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     log_path = Path(study_dir) / "mlflow-ui.log"
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def wait_for_health(base_url: str, *, timeout_s: float = 60.0,

@@ -215,3 +215,17 @@ def test_rate_distortion_comes_right_after_the_summary(finished):
     assert "<img src=\"data:image/png;base64," in rd and "equal ELBO" in rd
     assert text.index("id='summary'") < text.index("id='rate-distortion'") < text.index(
         "id='heatmaps'")
+
+
+def test_an_lr_schedule_axis_keeps_its_arms_apart(tmp_path):
+    study = tmp_path / "ablation"
+    grid = {"n_cycles": (1, 4), "ratio": (0.5,), "ramp": ("linear",), "beta_max": (1.0,),
+            "lr_schedule": ("constant", "cyclical_cosine")}  # Table 4: β × lr schedule
+    write_synthetic_study(study, n_trials=12, n_evals=8, seed=2, grid=grid, p_pruned=0.0,
+                          p_error=0.0)
+    text = html_of(build_report(study, log_to_mlflow=False))
+    configs = section(text, "configs")
+    assert configs.count("<tr><td>") == 4 and "<th>lr</th>" in configs
+    paired = section(text, "paired")
+    assert paired.count("<tr><td>") == 2 and "cyclical_cosine" in paired
+    assert "could not be drawn" not in text
