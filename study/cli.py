@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -243,6 +244,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         proc = serve_ui(args.study_dir, port=args.port)
     except ReportError as exc:
         raise UserError(str(exc)) from None
+    def stop(signum: int, frame: object) -> None:  # SIGTERM, SIGHUP (closed terminal)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         print(f"starting the MLflow UI on 127.0.0.1:{args.port} ...", flush=True)
         if not wait_for_health(f"http://127.0.0.1:{args.port}", timeout_s=120, proc=proc):
