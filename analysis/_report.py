@@ -179,7 +179,8 @@ _HEATMAP_NOTE = (
     "code; for the study objective, the end its mode names. <b>Seed noise:</b> ★ marks the "
     "brightest cell (the best mean); every cell outlined in white and black is not "
     "distinguishable from it — Welch's t-test over the seed values of the two cells gives "
-    "p ≥ 0.05 (cells with a single seed are not tested). The colour range spans at least one "
+    "p ≥ 0.05 (cells with a single seed are not tested; the test is unpaired, so the paired "
+    "cyclical-vs-monotonic table below can be sharper). The colour range spans at least one "
     "typical seed CI (2 × the median CI half-width, centred on the data), so differences "
     "smaller than the noise are painted in nearly one colour. Final: each trial's last "
     "evaluation.</p>")
