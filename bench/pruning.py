@@ -2,13 +2,13 @@
 
 Method (all in one run):
 
-1. **Full grids, for real.** Two grids of a study spec (default ``examples/quickstart.yaml``, its
-   seeds replaced by ``--seeds``) train every trial to the end through ``workers.train_trial`` in
-   a ``multiprocessing.Pool(2)``, recording every evaluation:
-   - the **effect grid**: the spec as it is (its arms really differ: see the full-grid effect);
-   - the **null grid**: the same with β_max = ``--null-beta-max`` (0.01): the KL weight is so
-     small that the β schedule cannot matter, so M = 1 and M > 1 differ only by seed noise, and
-     a fair pruner must prune both families alike.
+1. **Full grids, for real.** Two study specs train every trial to the end through
+   ``workers.train_trial`` in a ``multiprocessing.Pool(2)``, recording every evaluation:
+   - the **effect grid** (``bench/specs/pruning_effect.yaml``): the paper's toy at T = 10,000,
+     where cyclical β makes most seeds use z and monotonic collapses, judged on KL;
+   - the **null grid** (``bench/specs/pruning_null.yaml``) with β_max = ``--null-beta-max``
+     (0.01): the KL weight is so small that the β schedule cannot matter, so M = 1 and M > 1
+     differ only by seed noise, and a fair pruner must prune both families alike.
 2. **Replay.** A trial is deterministic given its seed, so a pruned trial's curve is exactly the
    prefix of its full curve. Each policy is replayed over the recorded curves with the real
    decision code: ``study._pruning.OptunaPruningScheduler`` over the ``OptunaMirror`` and the
@@ -74,9 +74,11 @@ POLICIES = (  # (label, pruning section overrides, legacy order)
 # --- stage 1 ------------------------------------------------------------------------------------
 def grid_specs(args: argparse.Namespace) -> dict[str, dict]:
     base = yaml.safe_load(Path(args.spec).read_text())
-    base["seeds"] = args.seeds
-    base.pop("tracking", None)
-    null = copy.deepcopy(base)
+    null = yaml.safe_load(Path(args.null_spec).read_text()) if args.null_spec else copy.deepcopy(base)
+    if args.seeds:
+        base["seeds"] = null["seeds"] = args.seeds
+    for spec in (base, null):
+        spec.pop("tracking", None)
     null["schedule"]["beta_max"] = [args.null_beta_max]
     return {"effect": base, "null": null}
 
@@ -240,9 +242,10 @@ def grid_section(name: str, ctx: dict[str, Any], args: argparse.Namespace) -> li
         f"## {name} grid: {len(g['configs'])} trials", "",
         f"M {spec['schedule']['n_cycles']} × R {spec['schedule']['ratio']} × ramp "
         f"{spec['schedule'].get('ramp', ['linear'])} × β_max {spec['schedule'].get('beta_max', [1.0])}"
-        f" × seeds {args.seeds}; {spec['train']['total_steps']} steps. Full grid: "
+        f" × seeds {spec['seeds']}; {spec['train']['total_steps']} steps. Full grid: "
         f"{g['full']['wall_s']:.0f} s wall in Pool({args.procs}), trial median "
-        f"{statistics.median(compute):.1f} s. Objective: valid {ctx['objective']}. Full-grid best: "
+        f"{statistics.median(compute):.1f} s. Objective: valid {g['metric']} ({g['mode']}). "
+        f"Full-grid best: "
         f"{name_of(full['best'])} ({_fmt_ci(full['by_key'][full['best']])}); full-grid "
         f"cyclical − monotonic: {_effect(full['effect'])}.", "",
         markdown_table(HEADERS, rows), "",
@@ -259,7 +262,7 @@ def build_report(args: argparse.Namespace, ctx: dict[str, Any]) -> str:
         "# Pruning that preserves the conclusion: steps saved vs answers changed", "",
         f"Command: `{command_line()}`  ",
         f"Machine: {environment_line()}; 2 cores, no GPU, shared with other jobs.  ",
-        f"Spec: {args.spec} (seeds {args.seeds}); bench wall time {ctx['wall_s']:.0f} s.", "",
+        f"Specs: {args.spec}, {args.null_spec}; bench wall time {ctx['wall_s']:.0f} s.", "",
         *grid_section("effect", ctx, args), *grid_section("null", ctx, args),
         "Goal (✓): ≤ 0.5 of the steps, the same best configuration (or one within the full "
         "best's seed CI), the same verdict on the cyclical-vs-monotonic effect (CI above, below or "
@@ -304,7 +307,7 @@ def run_grid(args: argparse.Namespace, name: str, spec_dict: dict, tmp: Path) ->
         steps = replay(Policy(vspec, tmp / f"{name}-{i}"), order, full["curves"], args.procs)
         scores.append((label, score(configs, finals, steps, full_conc, mode)))
     return {"spec": spec_dict, "configs": configs, "full": full, "finals": finals,
-            "full_conc": full_conc, "scores": scores, "mode": mode}
+            "full_conc": full_conc, "scores": scores, "mode": mode, "metric": metric}
 
 
 def confirm(g: dict[str, Any], tmp: Path) -> None:
@@ -331,8 +334,10 @@ def confirm(g: dict[str, Any], tmp: Path) -> None:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", default="examples/quickstart.yaml")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--spec", default="bench/specs/pruning_effect.yaml", help="the effect grid")
+    p.add_argument("--null-spec", default="bench/specs/pruning_null.yaml",
+                   help="the null grid (its beta_max is replaced); empty: the effect grid's")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override both grids'")
     p.add_argument("--null-beta-max", type=float, default=0.01)
     p.add_argument("--procs", type=int, default=2, help="concurrent trials (= the cores)")
     p.add_argument("--curves", help="cache prefix for the full grids (FILE.effect.json, …)")
@@ -351,7 +356,6 @@ def main(argv: list[str] | None = None) -> None:
             ctx[name] = run_grid(args, name, spec_dict, Path(tmp))
         if args.confirm:
             confirm(ctx["effect"], Path(tmp))
-    ctx["objective"] = (specs["effect"].get("objective") or {}).get("metric", "elbo")
     ctx["wall_s"] = time.perf_counter() - t0
     report = build_report(args, ctx)
     print(report)
