@@ -134,7 +134,8 @@ class OptunaPruningScheduler(FIFOScheduler):
         trial_id = result.get(TRIAL_KEY) or trial.config["trial"]["trial_id"]
         if "step" not in result or result.get("klstudy_error"):
             return TrialScheduler.CONTINUE  # a failure report: on_trial_complete tells Optuna
-        twin = self.mirror.ensure(trial_id, trial_params(trial.config), seed=_seed(trial.config))
+        twin = self.mirror.ensure(trial_id, trial_params(trial.config, self.mirror.search_space),
+                                  seed=_seed(trial.config))
         if twin.state == TrialState.PRUNED:
             return TrialScheduler.STOP  # pruned before a restart: stay pruned
         if twin.state.is_finished() or result.get("final"):
@@ -171,10 +172,10 @@ class OptunaPruningScheduler(FIFOScheduler):
         return f"OptunaPruningScheduler({self.mirror.pruner_kwargs}, {self.policy})"
 
 
-def trial_params(tune_config: dict) -> dict[str, Any]:
-    """The searched parameters of a trial, as its Optuna twin records them."""
+def trial_params(tune_config: dict, space: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The searched parameters of a trial (the study's axes), as its Optuna twin records them."""
     trial = tune_config["trial"]
-    return {k: trial[k] for k in PARAM_KEYS}
+    return {k: trial[k] for k in (space or PARAM_KEYS)}
 
 
 def _seed(tune_config: dict) -> int:

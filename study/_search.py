@@ -17,8 +17,9 @@ from workers import TrialConfig
 
 
 def tpe_trial_id(index: int, params: dict[str, Any], seed: int) -> str:
+    lr = {"cyclical_cosine": "-lrcos", "constant": "-lrconst"}.get(params.get("lr_schedule", ""), "")
     return (f"tpe{index:04d}-M{params['n_cycles']}-R{params['ratio']}-{params['ramp']}"
-            f"-b{params['beta_max']}-s{seed}")
+            f"-b{params['beta_max']}{lr}-s{seed}")
 
 
 class OptunaTPESearcher(Searcher):

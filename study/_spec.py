@@ -217,6 +217,7 @@ RatioAxis = Annotated[tuple[Annotated[float, _range(0, 1)], ...], _NonEmpty, _Di
 RampAxis = Annotated[tuple[Ramp, ...], _NonEmpty, _Distinct]
 BetaAxis = Annotated[tuple[PosFloat, ...], _NonEmpty, _Distinct]
 Seeds = Annotated[tuple[NonNegInt, ...], _NonEmpty, _Distinct]
+LrScheduleAxis = Annotated[tuple[LrSchedule, ...], _NonEmpty, _Distinct]
 
 
 class ScheduleSpec(_Section):
@@ -226,11 +227,14 @@ class ScheduleSpec(_Section):
     ratio: RatioAxis  # R
     ramp: RampAxis = ("linear",)
     beta_max: BetaAxis = (1.0,)
+    # The learning-rate schedule as an axis (paper Table 4: cyclical β vs cyclical η); None:
+    # train.lr_schedule for every trial.
+    lr_schedule: LrScheduleAxis | None = None
 
     @field_validator("*", mode="before")
     @classmethod
     def _scalar_is_axis(cls, value: Any) -> Any:
-        return _as_tuple(value)
+        return value if value is None else _as_tuple(value)
 
 
 class SearchSpec(_Section):
@@ -341,10 +345,13 @@ def _check_name(name: str) -> str:
 
 
 def trial_id(
-    index: int, *, n_cycles: int, ratio: float, ramp: str, beta_max: float, seed: int
+    index: int, *, n_cycles: int, ratio: float, ramp: str, beta_max: float, seed: int,
+    lr_schedule: str | None = None,
 ) -> str:
-    """A unique, filesystem-safe trial name, e.g. ``t0007-M4-R0.5-linear-b1-s2``."""
-    return f"t{index:04d}-M{n_cycles}-R{ratio:g}-{ramp}-b{beta_max:g}-s{seed}"
+    """A unique, filesystem-safe trial name, e.g. ``t0007-M4-R0.5-linear-b1-s2`` (with
+    ``-lrcos`` when the learning rate is cyclical on an ``lr_schedule`` axis)."""
+    lr = "-lrcos" if lr_schedule == "cyclical_cosine" else "-lrconst" if lr_schedule else ""
+    return f"t{index:04d}-M{n_cycles}-R{ratio:g}-{ramp}-b{beta_max:g}{lr}-s{seed}"
 
 
 MAX_TRIALS = 100_000  # a larger grid is a typo, and Tune keeps every trial in memory
@@ -391,6 +398,13 @@ class StudySpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _lr_schedule_in_one_place(self) -> StudySpec:
+        if self.schedule.lr_schedule is not None and "lr_schedule" in self.train.model_fields_set:
+            raise _fail("given both here and as train.lr_schedule; keep the axis only",
+                        list(self.schedule.lr_schedule), at="schedule.lr_schedule")
+        return self
+
+    @model_validator(mode="after")
     def _objective_is_measured(self) -> StudySpec:
         if self.objective.metric == "iw_nll" and self.train.iw_samples == 0:
             message = "'iw_nll' needs train.iw_samples > 0 (it is measured with K samples)"
@@ -414,10 +428,14 @@ class StudySpec(_Section):
         return math.prod(len(axis) for axis in self.search_space().values()) * len(self.seeds)
 
     def search_space(self) -> dict[str, list[Any]]:
-        """The schedule axes; TPE searches them as categorical parameters."""
+        """The schedule axes; TPE searches them as categorical parameters. ``lr_schedule`` is
+        one only when ``schedule.lr_schedule`` is given."""
         s = self.schedule
-        return {"n_cycles": list(s.n_cycles), "ratio": list(s.ratio), "ramp": list(s.ramp),
-                "beta_max": list(s.beta_max)}  # fmt: skip
+        space = {"n_cycles": list(s.n_cycles), "ratio": list(s.ratio), "ramp": list(s.ramp),
+                 "beta_max": list(s.beta_max)}
+        if s.lr_schedule is not None:
+            space["lr_schedule"] = list(s.lr_schedule)
+        return space
 
     def seed_of_trial(self, index: int) -> int:
         """The seed of TPE trial ``index`` (0-based): the spec's seeds in turn."""
@@ -432,14 +450,14 @@ class StudySpec(_Section):
         from workers import TrialConfig
 
         m, d, t, r = self.model, self.data, self.train, self.resources
-        first = {k: v[0] for k, v in self.search_space().items()}
+        first = {"lr_schedule": t.lr_schedule, **{k: v[0] for k, v in self.search_space().items()}}
         return TrialConfig(
             model=m.kind, emb_dim=m.emb_dim, hidden_dim=m.hidden_dim, latent_dim=m.latent_dim,
             n_layers=m.n_layers, dropout=m.dropout,
             data=d.kind, data_path=d.path, max_train_sentences=d.max_train_sentences,
             max_length=d.max_length,
             total_steps=t.total_steps, batch_size=t.batch_size, lr=t.lr,
-            lr_schedule=t.lr_schedule, grad_clip=t.grad_clip, eval_every_steps=t.eval_every_steps,
+            grad_clip=t.grad_clip, eval_every_steps=t.eval_every_steps,
             eval_batch_size=t.eval_batch_size, iw_samples=t.iw_samples,
             **first, seed=self.seeds[0], trial_id=self.name,
             device="cuda" if r.gpus_per_trial > 0 else "cpu",

@@ -432,3 +432,38 @@ def test_a_huge_grid_is_refused_before_it_is_expanded() -> None:
     with pytest.raises(SpecError, match=r"schedule: the grid \(100 x 1001 x 3 x 2 x 2\) expands "
                                          r"to more than 100,000 trials; .*, got 1201200"):
         parse_spec(data)
+
+
+# --- lr_schedule as a grid axis (paper Table 4) -------------------------------------------------
+def test_lr_schedule_axis_crosses_the_grid_and_names_the_trials() -> None:
+    spec = parse_spec(_with("schedule.lr_schedule", ["constant", "cyclical_cosine"]))
+    assert spec.search_space()["lr_schedule"] == ["constant", "cyclical_cosine"]
+    configs = spec.grid_configs()
+    assert spec.n_trials() == len(configs) == 2 * 2 * 2 * 2
+    pairs = {(c.n_cycles, c.lr_schedule) for c in configs}
+    assert pairs == {(m, lr) for m in (1, 4) for lr in ("constant", "cyclical_cosine")}
+    assert all(c.trial_id.endswith(("-lrcos-s0", "-lrcos-s2", "-lrconst-s0", "-lrconst-s2"))
+               for c in configs)
+    assert len({c.trial_id for c in configs}) == len(configs)
+
+
+def test_without_the_axis_train_lr_schedule_applies_and_ids_are_unchanged() -> None:
+    spec = parse_spec(_with("train.lr_schedule", "cyclical_cosine"))
+    assert "lr_schedule" not in spec.search_space()
+    assert {c.lr_schedule for c in spec.grid_configs()} == {"cyclical_cosine"}
+    assert spec.grid_configs()[0].trial_id == "t0000-M1-R0.5-linear-b1-s0"
+
+
+def test_lr_schedule_in_both_places_is_an_error() -> None:
+    data = _with("schedule.lr_schedule", ["constant"])
+    data["train"]["lr_schedule"] = "constant"
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert str(info.value) == ("schedule.lr_schedule: given both here and as train.lr_schedule; "
+                               "keep the axis only, got ['constant']")
+
+
+def test_lr_schedule_axis_values_are_checked() -> None:
+    with pytest.raises(SpecError, match=r"schedule.lr_schedule\[1\]: must be one of constant, "
+                                         r"cyclical_cosine, got 'step'"):
+        parse_spec(_with("schedule.lr_schedule", ["constant", "step"]))
