@@ -320,7 +320,7 @@ def _safely(what: str, fn: Any, *args: Any) -> None:
     try:
         fn(*args)
     except Exception as exc:  # tracking trouble must not stop a study
-        log.warning("could not %s: %s", what, exc)
+        log.warning("could not %s: %s", what, redact_text(str(exc)))
 
 
 def _ended_as(counts: dict[str, int], n_trials: int) -> str:

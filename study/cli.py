@@ -8,6 +8,7 @@ subcommand that needs them, so ``klstudy validate`` and ``--help`` stay fast.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -15,9 +16,11 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from study._cli_base import EXIT_USER_ERROR, Parser, UserError
 from study._cli_train import _add_train
+from workers._secrets import redact_text
 
 
 # --- klstudy validate / run / resume / status / submit ----------------------------------------
@@ -278,15 +281,50 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _RedactingStream(io.TextIOBase):
+    """stdout/stderr that never show a password in a URL, whoever writes (klstudy's own
+    output, logging handlers, Ray's or MLflow's warnings): ``scheme://user:***@host``."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact_text(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+
+def _redact_output() -> None:
+    if not isinstance(sys.stdout, _RedactingStream):
+        sys.stdout = _RedactingStream(sys.stdout)
+    if not isinstance(sys.stderr, _RedactingStream):
+        sys.stderr = _RedactingStream(sys.stderr)
+    logging.captureWarnings(True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # MLflow logs schema creation etc. at INFO on its own handler
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    streams = sys.stdout, sys.stderr
+    _redact_output()  # before any handler takes a reference to the raw streams
     try:
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        if not args.verbose:  # MLflow logs schema creation etc. at INFO on its own handler
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         return int(args.handler(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -294,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def test_credentials_are_never_shown_or_stored_as_text(tmp_path, server, pg) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     secrets = {pg.password, TRACK_PW}
     for text in (done.stdout, done.stderr):
-        assert not any(s in text for s in secrets)
+        leaks = [line for line in text.splitlines() if any(s in line for s in secrets)]
+        assert not leaks, leaks
     assert "***" in done.stdout  # the redacted URI is what is shown
     # every file of the study directory, text or pickle, but the 0600 secrets file
     secrets_file = study_dir / "secrets.json"
