@@ -169,6 +169,9 @@ class TrainSpec(_Section):
     lr: PosFloat = 1e-3  # Adam
     lr_schedule: LrSchedule = "constant"
     grad_clip: NonNegFloat = 5.0  # max global grad norm; 0 disables clipping
+    # fp32 | tf32 (CUDA TF32 matmuls/LSTMs) | bf16 (autocast of the training forward pass);
+    # evaluation always in fp32 (workers.TrialConfig.precision)
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     # Absent: max(1, total_steps // 10), filled before validation: 10 evaluations, the
     # intermediate ones on a fixed-seed 500 valid sentences (workers.TrialConfig), so that
     # evaluation stays a small share of a trial's time.
@@ -458,9 +461,11 @@ class StudySpec(_Section):
             max_length=d.max_length,
             total_steps=t.total_steps, batch_size=t.batch_size, lr=t.lr,
             grad_clip=t.grad_clip, eval_every_steps=t.eval_every_steps,
-            eval_batch_size=t.eval_batch_size, iw_samples=t.iw_samples,
+            eval_batch_size=t.eval_batch_size, iw_samples=t.iw_samples, precision=t.precision,
             **first, seed=self.seeds[0], trial_id=self.name,
             device="cuda" if r.gpus_per_trial > 0 else "cpu",
+            # a fractional GPU: the trial's memory share of the device Ray placed it on
+            gpu_memory_fraction=r.gpus_per_trial if 0 < r.gpus_per_trial < 1 else None,
             num_threads=max(1, int(r.cpus_per_trial)),
         )  # fmt: skip
 

@@ -11,6 +11,8 @@ from workers._schedules import LR_SCHEDULES, RAMPS
 
 ModelKind = Literal["toy", "lstm_text"]
 DataKind = Literal["toy", "ptb", "text"]
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
 class ConfigError(ValueError):
     """A trial config value is out of range; ``field`` names it."""
@@ -54,6 +56,9 @@ class TrialConfig:
     lr: float = 1e-3  # Adam
     lr_schedule: Literal["constant", "cyclical_cosine"] = "constant"
     grad_clip: float = 5.0  # max global grad norm; 0 disables clipping
+    # fp32: IEEE float32 everywhere; tf32: TF32 matmuls and cuDNN LSTMs on CUDA (CPU: as fp32);
+    # bf16: bfloat16 autocast of the training forward pass. Evaluation always runs in fp32.
+    precision: Precision = "fp32"
     # β schedule
     n_cycles: int = 4
     ratio: float = 0.5
@@ -70,6 +75,11 @@ class TrialConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 1  # torch CPU threads; keep ≤ the CPUs given to the trial
+    # CUDA only: this share of the device's memory caps the trial's allocations (several trials
+    # per GPU: resources.gpus_per_trial < 1); None: no cap.
+    gpu_memory_fraction: float | None = None
+    # CUDA only: deterministic cuDNN and torch algorithms (bit-for-bit resume; somewhat slower).
+    deterministic: bool = False
     trial_id: str = "trial"
 
     def resolved(self) -> TrialConfig:
@@ -101,6 +111,10 @@ class TrialConfig:
             ("eval_batch_size", self.eval_batch_size >= 2, "must be at least 2"),
             ("iw_samples", self.iw_samples >= 0, "must be >= 0"),
             ("num_threads", self.num_threads >= 1, "must be at least 1"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
+            ("gpu_memory_fraction",
+             self.gpu_memory_fraction is None or 0.0 < self.gpu_memory_fraction <= 1.0,
+             "must be in (0, 1] or null"),
             *((name, getattr(self, name) is None or getattr(self, name) >= 1, "must be at least 1")
               for name in ("emb_dim", "hidden_dim", "latent_dim", "n_layers", "max_length",
                            "max_train_sentences", "eval_subset_sentences")),

@@ -121,11 +121,55 @@ def make_batch(sentences: Sequence[Sequence[int]]) -> Batch:
 
 
 @dataclass(frozen=True)
+class SplitTensors:
+    """One split on one device, built once: every sentence in the layout of :class:`Batch`,
+    padded to the split's longest; a batch is two ``index_select`` calls on it."""
+
+    tokens: torch.Tensor  # [N, L_max + 2]
+    lengths: torch.Tensor  # [N]: words + 1
+
+    @classmethod
+    def build(cls, sentences: Sequence[Sequence[int]], device: torch.device) -> SplitTensors:
+        whole = make_batch(sentences)
+        return cls(whole.tokens.to(device), whole.lengths.to(device))
+
+    def batch(self, index: torch.Tensor, width: int) -> Batch:
+        """The rows ``index`` (on this device), cut to ``width`` = their longest length + 1."""
+        return Batch(self.tokens[:, :width].index_select(0, index),
+                     self.lengths.index_select(0, index))
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """An epoch's batches on a device: sentence ids in batch order, each batch's slice and width."""
+
+    index: torch.Tensor
+    bounds: list[tuple[int, int, int]]  # (start, stop, tokens width) of each batch
+
+
+def _index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Indices on ``device``; to CUDA from pinned memory, so the copy never waits for the GPU."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+@dataclass(frozen=True)
 class Corpus:
-    """A vocabulary and the token ids of each split."""
+    """A vocabulary and the token ids of each split.
+
+    Each split becomes tensors once per device (:class:`SplitTensors`, cached on the corpus),
+    and every batch is cut from them on that device: no per-step host work beyond the batch
+    plan (a pure function of ``(seed, step)``, computed once per epoch) and no per-step copy.
+    """
 
     vocab: Vocab
     splits: dict[str, list[list[int]]]
+
+    def __getstate__(self) -> dict[str, object]:
+        # Pickles (e.g. to another process) carry the data, never cached (device) tensors.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def n_sentences(self, split: str) -> int:
         return len(self.splits[split])
@@ -137,38 +181,65 @@ class Corpus:
     def train_batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.splits["train"]) / batch_size)
 
-    def train_batch(self, step: int, *, batch_size: int, seed: int) -> Batch:
-        """The training batch of 1-based ``step``, a pure function of ``(seed, step)``.
+    def tensors(self, split: str, device: torch.device | str | None = None) -> SplitTensors:
+        """The split as :class:`SplitTensors` on ``device`` (default CPU), built on first use."""
+        device = torch.device(device or "cpu")
+        cache = self.__dict__.setdefault("_tensor_cache", {})
+        key = (split, str(device))
+        if key not in cache:
+            cache[key] = SplitTensors.build(self.splits[split], device)
+        return cache[key]
+
+    def train_batch(self, step: int, *, batch_size: int, seed: int,
+                    device: torch.device | str | None = None) -> Batch:
+        """The training batch of 1-based ``step``, a pure function of ``(seed, step)``, on
+        ``device`` (default CPU).
 
         Each epoch is a fresh permutation; within pools of ``_SORT_POOL_BATCHES`` batches,
         sentences are sorted by length so a batch holds similar lengths, and the batch order
-        is shuffled again.
+        is shuffled again. The tensors equal :func:`make_batch` of those sentences.
         """
+        device = torch.device(device or "cpu")
         n_batches = self.train_batches_per_epoch(batch_size)
         epoch, index = divmod(step - 1, n_batches)
-        return make_batch([self.splits["train"][i] for i in self._epoch_plan(epoch, batch_size, seed)[index]])
+        plan = self._epoch_plan(epoch, batch_size, seed, device)
+        start, stop, width = plan.bounds[index]
+        return self.tensors("train", device).batch(plan.index[start:stop], width)
 
-    def _epoch_plan(self, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
-        key = (epoch, batch_size, seed)
+    def _epoch_plan(self, epoch: int, batch_size: int, seed: int,
+                    device: torch.device) -> _EpochPlan:
+        key = (epoch, batch_size, seed, str(device))
         cache = self.__dict__.setdefault("_plan_cache", {})
         if key not in cache:
             cache.clear()
-            cache[key] = _plan_epoch(self.splits["train"], epoch=epoch, batch_size=batch_size, seed=seed)
+            train = self.splits["train"]
+            batches = _plan_epoch(train, epoch=epoch, batch_size=batch_size, seed=seed)
+            bounds, start = [], 0
+            for ids in batches:
+                width = max(len(train[i]) for i in ids) + 2
+                bounds.append((start, start + len(ids), width))
+                start += len(ids)
+            flat = [i for ids in batches for i in ids]
+            cache[key] = _EpochPlan(_index_tensor(flat, device), bounds)
         return cache[key]
 
     def eval_batches(
-        self, split: str, *, batch_size: int, max_sentences: int | None = None
+        self, split: str, *, batch_size: int, max_sentences: int | None = None,
+        device: torch.device | str | None = None,
     ) -> Iterator[Batch]:
-        """Fixed, length-sorted batches of a split (deterministic, little padding).
+        """Fixed, length-sorted batches of a split (deterministic, little padding), on
+        ``device`` (default CPU).
 
         With ``max_sentences``, only the fixed-seed subset :func:`fixed_subset` of that many
         sentences (the same one every time).
         """
-        split_sents = self.splits[split]
-        chosen = fixed_subset(len(split_sents), max_sentences)
-        sents = sorted((split_sents[i] for i in chosen), key=len)
-        for start in range(0, len(sents), batch_size):
-            yield make_batch(sents[start : start + batch_size])
+        device = torch.device(device or "cpu")
+        sents = self.splits[split]
+        order = sorted(fixed_subset(len(sents), max_sentences), key=lambda i: len(sents[i]))
+        tensors, index = self.tensors(split, device), _index_tensor(order, device)
+        for start in range(0, len(order), batch_size):
+            stop = min(start + batch_size, len(order))
+            yield tensors.batch(index[start:stop], len(sents[order[stop - 1]]) + 2)
 
 
 def _plan_epoch(train: list[list[int]], *, epoch: int, batch_size: int, seed: int) -> list[list[int]]:

@@ -129,7 +129,11 @@ def sentence_nll(
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:
-    return math.exp(total_nll / n_tokens)
+    """exp(total_nll / n_tokens); inf where that overflows (a diverged, still finite model)."""
+    try:
+        return math.exp(total_nll / n_tokens)
+    except OverflowError:
+        return math.inf
 
 
 @torch.no_grad()

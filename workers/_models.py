@@ -52,7 +52,7 @@ class SentenceVAE(nn.Module):
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) of q(z|x), each ``[B, latent_dim]``."""
         words = batch.tokens[:, 1:]  # w_1 … w_L </s> <pad>…
-        outputs, _ = self.encoder(self.enc_emb(words))
+        outputs, _ = _lstm(self.encoder, self.enc_emb(words))
         last = (batch.lengths - 1).view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])
         h = outputs.gather(1, last).squeeze(1)
         mu, logvar = self.to_stats(h).chunk(2, dim=-1)
@@ -71,12 +71,28 @@ class SentenceVAE(nn.Module):
         dec_in = torch.cat([emb, z.unsqueeze(1).expand(-1, steps, -1)], dim=-1)
         s = self.shape
         h0 = self.z_to_h0(z).view(-1, s.n_layers, s.hidden_dim).transpose(0, 1).contiguous()
-        outputs, _ = self.decoder(dec_in, (h0, torch.zeros_like(h0)))
+        h0 = h0.to(dec_in.dtype)  # bf16 autocast: Linear gives bf16, the LSTM casts its inputs
+        outputs, _ = _lstm(self.decoder, dec_in, (h0, torch.zeros_like(h0)))
         logits = self.out(self.drop(outputs))
         nll = F.cross_entropy(
             logits.reshape(-1, s.vocab_size), targets.reshape(-1), ignore_index=PAD_ID, reduction="none"
         )
         return nll.view(targets.shape).sum(dim=1)
+
+
+def _lstm(
+    lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``lstm(x, state)``; under CPU bf16 autocast the LSTM itself runs in fp32.
+
+    oneDNN has no bf16 LSTM on CPUs without AVX512-BF16 (it fails to build the primitive), so
+    CPU autocast covers the linear layers (above all the output projection) and not the LSTMs.
+    On CUDA autocast decides.
+    """
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return lstm(x.float(), None if state is None else (state[0].float(), state[1].float()))
+    return lstm(x, state)
 
 
 def reparameterize(

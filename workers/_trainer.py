@@ -2,7 +2,11 @@
 
 ``train_trial`` knows nothing about Ray or MLflow. A driver plugs in through ``report``: it is
 called after every evaluation (the checkpoint of that step is already on disk) and may return
-True to stop the trial there. Resuming from a checkpoint continues bit-for-bit.
+True to stop the trial there. Resuming from a checkpoint continues bit-for-bit on CPU, and on
+CUDA with ``deterministic`` (without it, within float rounding: see README, GPU workers).
+
+A training step never waits for the device: the loss is checked for NaN/inf once per
+evaluation (the interval's summed loss is then non-finite), not per step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ import torch
 
 from workers._config import TrialConfig
 from workers._data import Corpus, load_corpus
+from workers._device import (
+    autocast,
+    configure_runtime,
+    make_optimizer,
+    restore_rng_state,
+    rng_state,
+)
 from workers._metrics import evaluate, importance_weighted_nll, perplexity
 from workers._models import ModelShape, SentenceVAE, gaussian_kl, reparameterize
 from workers._schedules import beta_at, fixing_stage_eval, lr_at
@@ -30,7 +41,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
-_CHECKPOINT_FORMAT = 1
+_CHECKPOINT_FORMAT = 2  # 2: the trial device's RNG state only; 1 (still read): every GPU's
 _MAX_LATENT_POINTS = 1000  # 2-D latent scatter: a fixed-seed sample of this many valid sentences
 # The final IW-NLL decodes at most this share of training's T × B sentence rows (half on valid,
 # half on test): one evaluation row costs ~1/3 of a training row, so ≈ 8% of the training time.
@@ -38,7 +49,8 @@ IW_ROW_SHARE = 0.25
 # Fields that may differ between a checkpoint and the config resuming it: they change neither
 # the training trajectory nor the schedules (total_steps does: it sets ⌈T/M⌉, so β(t), lr(t)).
 _RESUMABLE_DIFFERENCES = {"device", "num_threads", "trial_id", "eval_every_steps",
-                          "eval_batch_size", "eval_subset_sentences", "iw_samples"}
+                          "eval_batch_size", "eval_subset_sentences", "iw_samples",
+                          "gpu_memory_fraction", "deterministic"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,13 +162,14 @@ def _clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> None
 class _Trainer:
     """State of one running trial: model, optimizer, step; ``train_trial`` drives it."""
 
-    def __init__(self, config: TrialConfig, corpus: Corpus | None) -> None:
+    def __init__(self, config: TrialConfig, corpus: Corpus | None,
+                 device: torch.device | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = device if device is not None else torch.device(config.device)
         self.corpus = corpus if corpus is not None else load_trial_corpus(config)
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.corpus).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = make_optimizer(self.model.parameters(), config, self.device)
         self.step = 0
         self._sums = torch.zeros(3, device=self.device)  # loss, rec, kl over the interval
         self._n_steps_in_interval = 0
@@ -170,18 +183,15 @@ class _Trainer:
                    n_cycles=c.n_cycles)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.corpus.train_batch(t, batch_size=c.batch_size, seed=c.seed).to(self.device)
-        mu, logvar = self.model.encode(batch)
-        z = reparameterize(mu, logvar)
-        rec = self.model.reconstruction_nll(batch, z).mean()
+        batch = self.corpus.train_batch(t, batch_size=c.batch_size, seed=c.seed,
+                                        device=self.device)
+        with autocast(c, self.device):  # bf16: the forward pass only; KL and loss in fp32
+            mu, logvar = self.model.encode(batch)
+            mu, logvar = mu.float(), logvar.float()
+            z = reparameterize(mu, logvar)
+            rec = self.model.reconstruction_nll(batch, z).float().mean()
         kl = gaussian_kl(mu, logvar).mean()
         loss = rec + beta * kl
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"trial {c.trial_id}: loss is {loss.item()} at step {t} "
-                f"(rec={rec.item()}, kl={kl.item()}, beta={beta}, lr={lr}); "
-                + ("try a smaller lr" if c.grad_clip > 0 else "try a smaller lr or a grad_clip > 0")
-            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
@@ -190,6 +200,26 @@ class _Trainer:
         self._sums += torch.stack([loss.detach(), rec.detach(), kl.detach()])
         self._n_steps_in_interval += 1
         self.step = t
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` when a loss since the last evaluation was NaN/inf.
+
+        A non-finite loss makes the interval's sum non-finite (losses are ≥ 0, so no inf − inf
+        can hide one); checking it here, once per evaluation, keeps every step free of host
+        syncs. The error names the interval, since the step itself is not recorded.
+        """
+        sums = self._sums.tolist()
+        if all(math.isfinite(v) for v in sums):
+            return
+        c, first = self.config, self.step - self._n_steps_in_interval + 1
+        lr = lr_at(self.step, lr=c.lr, schedule=c.lr_schedule, total_steps=c.total_steps,
+                   n_cycles=c.n_cycles)
+        raise NonFiniteLossError(
+            f"trial {c.trial_id}: loss is {sums[0]} in steps {first}–{self.step} (summed since "
+            f"the last evaluation: rec={sums[1]}, kl={sums[2]}; beta_max={c.beta_max}, "
+            f"lr={lr}); "
+            + ("try a smaller lr" if c.grad_clip > 0 else "try a smaller lr or a grad_clip > 0")
+        )
 
     # --- evaluation ------------------------------------------------------------------------
     def _eval_generator(self, salt: int) -> torch.Generator:
@@ -203,7 +233,7 @@ class _Trainer:
         c = self.config
         metrics = evaluate(
             self.model,
-            self.corpus.eval_batches(split, batch_size=c.eval_batch_size,
+            self.corpus.eval_batches(split, batch_size=c.eval_batch_size, device=self.device,
                                      max_sentences=None if final else c.eval_subset_sentences),
             device=self.device,
             generator=self._eval_generator(salt=1),
@@ -224,7 +254,8 @@ class _Trainer:
         n_iw = iw_sentences(c, n_split)
         iw = importance_weighted_nll(
             self.model,
-            self.corpus.eval_batches(split, batch_size=c.eval_batch_size, max_sentences=n_iw),
+            self.corpus.eval_batches(split, batch_size=c.eval_batch_size, max_sentences=n_iw,
+                                     device=self.device),
             n_samples=c.iw_samples,
             device=self.device,
             generator=self._eval_generator(salt=2),
@@ -269,8 +300,8 @@ class _Trainer:
         was_training = self.model.training
         self.model.eval()
         batches = self.corpus.eval_batches(split, batch_size=self.config.eval_batch_size,
-                                           max_sentences=_MAX_LATENT_POINTS)
-        means = [self.model.encode(batch.to(self.device))[0].cpu() for batch in batches]
+                                           max_sentences=_MAX_LATENT_POINTS, device=self.device)
+        means = [self.model.encode(batch)[0].cpu() for batch in batches]
         self.model.train(was_training)
         return [tuple(row) for row in torch.cat(means).tolist()]
 
@@ -282,8 +313,7 @@ class _Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            **rng_state(self.device),
             "config": self.config.to_dict(),
         }
         tmp = directory / (CHECKPOINT_FILE + ".tmp")
@@ -296,15 +326,15 @@ class _Trainer:
         file = path / CHECKPOINT_FILE if path.is_dir() else path
         if not file.is_file():
             raise CheckpointError(f"resume: no checkpoint at {str(file)!r}")
-        state = torch.load(file, map_location=self.device, weights_only=True)
-        if state.get("format") != _CHECKPOINT_FORMAT:
+        # On CPU first: loads whatever device (and GPU count) wrote it; load_state_dict then
+        # copies parameters and Adam moments onto this trial's device.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if state.get("format") not in (1, _CHECKPOINT_FORMAT):
             raise CheckpointError(f"resume: {str(file)!r} has unknown format {state.get('format')!r}")
         _check_compatible(TrialConfig.from_dict(state["config"]), self.config, file)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if self.device.type == "cuda" and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        restore_rng_state(state, self.device)
         self.step = int(state["step"])
 
 
@@ -365,8 +395,7 @@ def train_trial(
         CheckpointError: ``resume_from`` is missing or made with another configuration.
     """
     config = config.resolved()
-    torch.set_num_threads(max(1, config.num_threads))
-    trainer = _Trainer(config, corpus)
+    trainer = _Trainer(config, corpus, configure_runtime(config))
     if resume_from is not None:
         trainer.restore(Path(resume_from))
         log.info("trial %s resumed at step %d", config.trial_id, trainer.step)
@@ -379,6 +408,7 @@ def train_trial(
         final = t == config.total_steps
         if t % config.eval_every_steps and not final:
             continue
+        trainer.check_finite()  # the interval's first host sync
         clock = _add_elapsed(result, "train_s", clock)
         saved = None
         if ckpt_dir is not None and (final or time.monotonic() - last_save >= checkpoint_every_s):

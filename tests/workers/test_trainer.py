@@ -222,11 +222,26 @@ def test_returning_true_at_the_final_evaluation_still_completes():
 # --- failures and reproducibility --------------------------------------------------------------
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("grad_clip", [5.0, 0.0])
-def test_non_finite_loss_raises(grad_clip):
-    # Adam with lr = 1e6 makes the loss NaN within a couple of steps (step 2 on this machine).
-    config = _config(total_steps=2000, eval_every_steps=2000, lr=1e6, grad_clip=grad_clip)
-    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step \d+"):
+def test_non_finite_loss_raises_at_the_next_evaluation_naming_the_interval(grad_clip):
+    # Adam with lr = 1e6 makes the loss NaN within a couple of steps (step 2 on this machine);
+    # the trial notices at its first evaluation, with no per-step host sync.
+    config = _config(total_steps=400, eval_every_steps=200, lr=1e6, grad_clip=grad_clip)
+    with pytest.raises(NonFiniteLossError, match=r"^trial trial: loss is (nan|inf) in steps 1–200 "):
         train_trial(config)
+
+
+def test_a_non_finite_loss_after_good_evaluations_names_its_interval_and_keeps_the_checkpoint(
+        tmp_path, monkeypatch):
+    import workers._trainer as trainer_module
+
+    real_beta_at = trainer_module.beta_at  # β = inf from step 11 on: loss = rec + inf · KL
+    monkeypatch.setattr(trainer_module, "beta_at",
+                        lambda t, **kw: real_beta_at(t, **kw) if t <= 10 else math.inf)
+    seen: list[int] = []
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) in steps 11–20 "):
+        train_trial(_config(), checkpoint_dir=tmp_path, report=lambda ev: seen.append(ev.step))
+    assert seen == [10]
+    assert _load(tmp_path)["step"] == 10  # the non-finite state is never checkpointed
 
 
 def test_same_seed_gives_the_same_trial(tmp_path):
@@ -290,9 +305,9 @@ def test_intermediate_evaluations_use_the_valid_subset_and_the_final_one_every_s
     calls = []
     real = corpus.eval_batches
 
-    def spy(split, *, batch_size, max_sentences=None):
+    def spy(split, *, batch_size, max_sentences=None, device=None):
         calls.append((split, max_sentences))
-        return real(split, batch_size=batch_size, max_sentences=max_sentences)
+        return real(split, batch_size=batch_size, max_sentences=max_sentences, device=device)
 
     object.__setattr__(corpus, "eval_batches", spy)
     config = _config(data="text", data_path=str(tmp_path), total_steps=20, eval_subset_sentences=7,
@@ -364,3 +379,12 @@ def test_latent_scatter_is_a_seeded_sample_not_the_shortest_sentences(tmp_path):
     assert len(points) == 1000
     assert max(lengths) == 7 and 3.5 < sum(lengths) / 1000 < 4.5  # the split's mean is 4
     assert points == trainer._latent_means("valid")  # the same sentences every evaluation
+
+
+def test_perplexity_of_a_diverged_but_finite_model_is_inf_not_an_overflow_error():
+    # lr = 1e6 can leave the loss finite but ~1e14 nats: exp() of that must not crash the
+    # evaluation (an OverflowError would be retried by Tune as if transient).
+    from workers._metrics import perplexity
+
+    assert perplexity(2.4e14, 110) == math.inf
+    assert perplexity(110.0, 110) == pytest.approx(math.e)
