@@ -316,3 +316,68 @@ def test_ptb_vocabulary_is_the_mikolov_10k(ptb):
     # among them) + <pad> <s> </s>.
     assert len(ptb.vocab) == 10_002
     assert ptb.vocab.tokens[:4] == SPECIALS
+
+
+# --- tensorised splits (each split on the trial's device once; batches by index_select) --------
+def _old_eval_batches(corpus, split, batch_size, max_sentences=None):
+    """The implementation before tensorised splits: sorted sentences through make_batch."""
+    from workers._data import fixed_subset
+
+    sents = corpus.splits[split]
+    chosen = sorted((sents[i] for i in fixed_subset(len(sents), max_sentences)), key=len)
+    return [make_batch(chosen[s : s + batch_size]) for s in range(0, len(chosen), batch_size)]
+
+
+def _assert_same_batch(a: Batch, b: Batch) -> None:
+    assert a.tokens.dtype == b.tokens.dtype == torch.long
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 7, 23])
+def test_train_batches_equal_make_batch_of_the_planned_sentences(text_corpus, batch_size):
+    # The plan is unchanged (a pure function of (seed, step)) and the tensors are exactly the
+    # ones make_batch built before: CPU trajectories do not change.
+    from workers._data import _plan_epoch
+
+    n = text_corpus.train_batches_per_epoch(batch_size)
+    train = text_corpus.splits["train"]
+    for epoch in range(3):
+        plan = _plan_epoch(train, epoch=epoch, batch_size=batch_size, seed=5)
+        for index, ids in enumerate(plan):
+            got = text_corpus.train_batch(epoch * n + index + 1, batch_size=batch_size, seed=5)
+            _assert_same_batch(got, make_batch([train[i] for i in ids]))
+
+
+@pytest.mark.parametrize(("batch_size", "max_sentences"), [(1, None), (4, None), (4, 5), (100, 3)])
+def test_eval_batches_equal_the_previous_implementation(text_corpus, batch_size, max_sentences):
+    got = list(text_corpus.eval_batches("valid", batch_size=batch_size,
+                                        max_sentences=max_sentences))
+    expected = _old_eval_batches(text_corpus, "valid", batch_size, max_sentences)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        _assert_same_batch(a, b)
+
+
+def test_each_split_is_tensorised_once_per_device(text_corpus):
+    first = text_corpus.tensors("train")
+    text_corpus.train_batch(3, batch_size=4, seed=0)
+    list(text_corpus.eval_batches("train", batch_size=4))
+    assert text_corpus.tensors("train", "cpu") is first
+    longest = max(len(s) for s in text_corpus.splits["train"])
+    assert first.tokens.shape == (23, longest + 2) and first.lengths.shape == (23,)
+
+
+def test_batches_are_cut_on_the_requested_device(text_corpus):
+    batch = text_corpus.train_batch(1, batch_size=4, seed=0, device=torch.device("cpu"))
+    assert batch.tokens.device.type == batch.lengths.device.type == "cpu"
+    assert batch.tokens.is_contiguous()
+
+
+def test_a_pickled_corpus_carries_its_data_not_its_cached_tensors(text_corpus):
+    import pickle
+
+    text_corpus.tensors("valid")
+    copy = pickle.loads(pickle.dumps(text_corpus))
+    assert "_tensor_cache" not in copy.__dict__ and copy.splits == text_corpus.splits
+    _assert_same_batch(copy.train_batch(2, batch_size=4, seed=1),
+                       text_corpus.train_batch(2, batch_size=4, seed=1))
