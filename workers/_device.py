@@ -58,9 +58,7 @@ def configure_runtime(config: TrialConfig) -> torch.device:
     torch.cuda.set_device(device)
     if config.gpu_memory_fraction is not None:
         torch.cuda.set_per_process_memory_fraction(config.gpu_memory_fraction, device)
-    tf32 = "tf32" if config.precision == "tf32" else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = tf32
-    torch.backends.cudnn.rnn.fp32_precision = tf32
+    _set_tf32(config.precision == "tf32")
     torch.backends.cudnn.deterministic = config.deterministic
     torch.backends.cudnn.benchmark = False  # input shapes change every batch
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
@@ -68,6 +66,18 @@ def configure_runtime(config: TrialConfig) -> torch.device:
              config.trial_id, device, torch.cuda.get_device_name(device), config.precision,
              config.gpu_memory_fraction, config.deterministic)
     return device
+
+
+def _set_tf32(enabled: bool) -> None:
+    """TF32 on or off for CUDA matmuls and cuDNN LSTMs (the new API where torch has it: it
+    refuses a mix of the two)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "rnn"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "tf32" if enabled else "ieee"
+    else:  # torch < 2.9
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrialConfig,

@@ -89,10 +89,17 @@ def _lstm(
     CPU autocast covers the linear layers (above all the output projection) and not the LSTMs.
     On CUDA autocast decides.
     """
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if x.device.type == "cpu" and _cpu_autocast():
         with torch.autocast("cpu", enabled=False):
             return lstm(x.float(), None if state is None else (state[0].float(), state[1].float()))
     return lstm(x, state)
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def reparameterize(
