@@ -29,7 +29,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-schedule", choices=["constant", "cyclical_cosine"], default="constant")
     p.add_argument("--grad-clip", type=float, default=5.0)
     p.add_argument("--eval-every", type=int, default=None,
-                   help="steps; default: total/10 (intermediate ones on 500 valid sentences)")
+                   help="steps; default: total/10 (intermediate ones on 250 valid sentences)")
     p.add_argument("--iw-samples", type=int, default=100,
                    help="K of the final IW-NLL (within a budget of T*batch/4 rows); 0 skips")
     p.add_argument("--max-train-sentences", type=int, default=None)

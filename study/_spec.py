@@ -173,7 +173,7 @@ class TrainSpec(_Section):
     # evaluation always in fp32 (workers.TrialConfig.precision)
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     # Absent: max(1, total_steps // 10), filled before validation: 10 evaluations, the
-    # intermediate ones on a fixed-seed 500 valid sentences (workers.TrialConfig), so that
+    # intermediate ones on a fixed-seed 250 valid sentences (workers.TrialConfig), so that
     # evaluation stays a small share of a trial's time.
     eval_every_steps: PosInt = 1
     eval_batch_size: Annotated[int, Field(ge=2)] = 256  # sentences per evaluation batch

@@ -69,7 +69,7 @@ class TrialConfig:
     eval_batch_size: int = 256  # sentences per evaluation batch (memory is bounded per pass)
     # Intermediate evaluations use a fixed-seed subset of this many valid sentences (the same
     # in every trial); the final one uses every sentence. None: every sentence every time.
-    eval_subset_sentences: int | None = 500
+    eval_subset_sentences: int | None = 250
     iw_samples: int = 100  # K of the final importance-weighted NLL; 0 skips it
     # execution
     seed: int = 0

@@ -108,24 +108,47 @@ def sentence_nll(
     model: SentenceVAE, batch: Batch, z: torch.Tensor, *, budget_bytes: int = DECODE_BUDGET_BYTES
 ) -> torch.Tensor:
     """−log p(x|z) for ``z`` ``[R, d]``, row r a sample for sentence ``r mod B`` (sample-major,
-    as :meth:`SentenceVAE.reconstruction_nll`), decoded in passes of :func:`rows_per_pass` rows.
+    as :meth:`SentenceVAE.reconstruction_nll`), decoded within a memory budget.
 
-    Each pass is cut to the longest sentence in it; the result equals one unchunked call up to
-    float rounding (padding never reaches a sentence's terms).
+    One call when all R rows fit :func:`rows_per_pass`; otherwise rows are taken shortest
+    first and packed into passes whose logits (rows × the longest row's length × vocab × 4
+    bytes) fit ``budget_bytes``, each cut to its longest row. The result equals one unchunked
+    call up to float rounding (padding never reaches a sentence's terms).
     """
-    per_pass = rows_per_pass(batch.tokens.shape[1] - 1, model.shape.vocab_size,
-                             budget_bytes=budget_bytes)
-    n_rows = z.shape[0]
-    if per_pass >= n_rows:
+    n_rows, vocab = z.shape[0], model.shape.vocab_size
+    if rows_per_pass(batch.tokens.shape[1] - 1, vocab, budget_bytes=budget_bytes) >= n_rows:
         return model.reconstruction_nll(batch, z)
-    parts = []
-    for start in range(0, n_rows, per_pass):
-        stop = min(start + per_pass, n_rows)
-        rows = torch.arange(start, stop, device=batch.tokens.device) % len(batch)
-        lengths = batch.lengths[rows]
-        tokens = batch.tokens[rows, : int(lengths.max()) + 1]
-        parts.append(model.reconstruction_nll(Batch(tokens, lengths), z[start:stop]))
-    return torch.cat(parts)
+    row_lengths = batch.lengths.repeat(n_rows // len(batch))  # predicted tokens of each row
+    order = torch.argsort(row_lengths, stable=True)
+    sorted_lengths = row_lengths[order].tolist()
+    positions = max(1, budget_bytes // (4 * vocab))  # row × token positions per pass
+    rows_done, values = [], []
+    start = 0
+    while start < n_rows:
+        stop = _pass_end(sorted_lengths, start, positions)
+        rows = order[start:stop]
+        sentences = rows % len(batch)
+        lengths = batch.lengths[sentences]
+        tokens = batch.tokens[sentences, : sorted_lengths[stop - 1] + 1]
+        values.append(model.reconstruction_nll(Batch(tokens, lengths), z[rows]))
+        rows_done.append(rows)
+        start = stop
+    out = torch.empty(n_rows, dtype=values[0].dtype, device=values[0].device)
+    out[torch.cat(rows_done)] = torch.cat(values)
+    return out
+
+
+def _pass_end(sorted_lengths: list[int], start: int, positions: int) -> int:
+    """The largest ``stop`` > start with (stop − start) · sorted_lengths[stop − 1] ≤ positions
+    (at least one row): the product grows with ``stop``, so a binary search finds it."""
+    lo, hi = start + 1, len(sorted_lengths)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if (mid - start) * sorted_lengths[mid - 1] <= positions:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def perplexity(total_nll: float, n_tokens: int) -> float:

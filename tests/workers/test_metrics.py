@@ -456,11 +456,15 @@ def test_iw_nll_in_passes_equals_the_unchunked_computation():
                                     generator=_gen(3), budget_bytes=2**40)
     assert model.calls == [(12 * 9, 13)]  # one pass: 108 rows, <s> + 11 words + </s>
     model.calls = []
-    budget = 5 * 12 * 30 * 4  # 5 rows of 12 positions
+    budget = 5 * 12 * 30 * 4  # logits of 60 token positions: 5 rows of the longest sentence
     chunked = importance_weighted_nll(model, _long_batch(), n_samples=9, device=CPU,
                                       generator=_gen(3), budget_bytes=budget)
-    assert len(model.calls) == math.ceil(108 / 5) and max(r for r, _ in model.calls) == 5
-    assert any(cols < 13 for _, cols in model.calls)  # passes are cut to their longest row
+    # Shortest rows first, packed while rows × (columns − 1) positions ≤ 60; each pass is cut
+    # to its longest row; all 108 rows are decoded once.
+    assert sum(rows for rows, _ in model.calls) == 108
+    assert all(rows * (cols - 1) <= 60 for rows, cols in model.calls)
+    assert min(cols for _, cols in model.calls) == 5 and max(r for r, _ in model.calls) == 15
+    assert len(model.calls) < math.ceil(108 / 5)  # short rows share passes
     assert chunked.keys() == whole.keys()
     for key in whole:
         assert chunked[key] == pytest.approx(whole[key], rel=1e-12, abs=1e-12)
