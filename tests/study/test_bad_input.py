@@ -146,3 +146,16 @@ def test_a_missing_spec_file_exits_2(tmp_path, capsys) -> None:
     code = main(["run", str(tmp_path / "nope.yaml")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: spec: no such file")
+
+
+@pytest.mark.parametrize("uri", [None, "sqlite:///tmp/mlflow.db", "file:///tmp/mlruns", "mlruns"])
+def test_submit_refuses_a_store_only_the_head_could_write(tmp_path, capsys, monkeypatch,
+                                                          uri) -> None:
+    monkeypatch.delenv("KLSTUDY_TRACKING_URI", raising=False)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(BASE))
+    argv = ["submit", str(spec_file), "--address", "http://127.0.0.1:9"]  # never contacted
+    code = main(argv + (["--tracking-uri", uri] if uri else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: --tracking-uri: a study on a cluster needs an MLflow server")
