@@ -118,4 +118,7 @@ def test_a_killed_node_has_its_trials_rescheduled(tmp_path: Path) -> None:
         assert_all_completed(proc, study_dir)
     on_worker = trials(study_dir)
     assert (on_worker["node_ip"] != WORKER_IP).all()  # finished on the head, rescheduled
-    assert any(restarts(study_dir).values()), "no trial was rescheduled"
+    from ray.tune import ExperimentAnalysis
+
+    failed = [t for t in ExperimentAnalysis(str(study_dir / "tune")).trials if t.num_failures]
+    assert failed, "no trial was rescheduled"
