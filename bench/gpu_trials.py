@@ -18,7 +18,9 @@ Commands (each prints a markdown table; ``--out FILE`` also writes it):
   rows, and the time 40 epochs would take at the measured speed.
 - ``precision``: the same trial in fp32, tf32 and bf16 (one after another), final validation
   and test ELBO and the bf16 − fp32 difference.
-- ``corpus DIR``: writes a small generated text corpus (train/valid/test.txt) for smoke runs.
+- ``all``: the three above with one pool of processes (fewer start-ups), each table into
+  ``--out-dir`` (``throughput.md``, ``precision.md``, ``table1.md``).
+- ``corpus DIR``: writes a generated text corpus (train/valid/test.txt) for smoke runs.
 
 Run: ``PYTHONPATH=. python bench/gpu_trials.py throughput --device cuda --data ptb``.
 """
@@ -283,8 +285,9 @@ def table1(args: argparse.Namespace, pool: Pool) -> str:
 def precision(args: argparse.Namespace, pool: Pool) -> str:
     rows, base = [], None
     for prec in args.precisions:
-        config = base_config(args, precision=prec, total_steps=args.steps,
-                             eval_every_steps=args.steps, eval_subset_sentences=None)
+        steps = args.precision_steps or args.steps
+        config = base_config(args, precision=prec, total_steps=steps,
+                             eval_every_steps=steps, eval_subset_sentences=None)
         (res,) = pool.run([{"kind": "precision", "config": config, "tag": {"index": 0}}])
         base = base or res
         rows.append([prec, f"{res['valid']['elbo']:.4f}", f"{res['test'].get('elbo', math.nan):.4f}",
@@ -293,7 +296,8 @@ def precision(args: argparse.Namespace, pool: Pool) -> str:
                      f"{res['steps'] / res['train_s']:,.1f}"])
     headers = ["precision", "valid ELBO", "test ELBO", "Δ valid vs " + args.precisions[0],
                "Δ test vs " + args.precisions[0], "train steps/s"]
-    note = (f"{args.model} on {args.data}, T = {args.steps}, seed 0, every valid and test "
+    note = (f"{args.model} on {args.data}, T = {args.precision_steps or args.steps}, seed 0, "
+            "final metrics on every valid and test "
             "sentence, evaluation in fp32 for every precision.")
     return _report("Training precision", args, markdown_table(headers, rows), note)
 
@@ -318,10 +322,11 @@ def _hms(seconds: float) -> str:
     return f"{h} h {rest // 60:02d} min" if h else f"{rest // 60} min {rest % 60:02d} s"
 
 
-def write_corpus(directory: Path, *, n_train: int = 400, n_eval: int = 60, seed: int = 0) -> Path:
-    """A small generated corpus: 40 words, 2–14-word sentences from a seeded Markov chain."""
+def write_corpus(directory: Path, *, n_train: int = 400, n_eval: int = 60, n_words: int = 40,
+                 seed: int = 0) -> Path:
+    """A generated corpus: ``n_words`` words, 2–14-word sentences from a seeded Markov chain."""
     rng = random.Random(seed)
-    words = [f"w{i}" for i in range(40)]
+    words = [f"w{i}" for i in range(n_words)]
     follow = {w: rng.sample(words, 6) for w in words}
     directory.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("valid", n_eval), ("test", n_eval)):
@@ -337,7 +342,7 @@ def write_corpus(directory: Path, *, n_train: int = 400, n_eval: int = 60, seed:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["throughput", "table1", "precision", "corpus"])
+    p.add_argument("command", choices=["throughput", "table1", "precision", "all", "corpus"])
     p.add_argument("dir", nargs="?", help="corpus: the directory to write")
     p.add_argument("--device", default="cuda")
     p.add_argument("--model", choices=["toy", "lstm_text"], default="lstm_text")
@@ -348,28 +353,39 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per trial")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=300, help="timed steps per trial")
+    p.add_argument("--precision-steps", type=int, help="precision: T (default --steps)")
+    p.add_argument("--vocab", type=int, default=40, help="corpus: words")
+    p.add_argument("--n-train", type=int, default=400, help="corpus: training sentences")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=180.0, help="table1: seconds per trial")
     p.add_argument("--eval-every", type=int, default=250, help="table1: evaluation interval")
     p.add_argument("--work-dir", help="table1: checkpoints (default: a temp dir)")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--out-dir", help="all: write each table into this directory")
     return p.parse_args(argv)
+
+
+COMMANDS = {"throughput": throughput, "precision": precision, "table1": table1}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     if args.command == "corpus":
-        print(write_corpus(Path(args.dir or "corpus")))
+        print(write_corpus(Path(args.dir or "corpus"), n_words=args.vocab, n_train=args.n_train))
         return
-    n = {"throughput": max(args.levels), "table1": 4, "precision": 1}[args.command]
-    pool = Pool(n, set(args.levels) | {4})
+    names = list(COMMANDS) if args.command == "all" else [args.command]
+    sizes = {"throughput": max(args.levels), "table1": 4, "precision": 1}
+    pool = Pool(max(sizes[n] for n in names), set(args.levels) | {4})
     try:
-        text = {"throughput": throughput, "table1": table1, "precision": precision}[
-            args.command](args, pool)
+        for name in names:
+            text = COMMANDS[name](args, pool)
+            print(text, flush=True)
+            if args.command != "all":
+                write_output(args.out, text)
+            if args.out_dir:
+                write_output(str(Path(args.out_dir) / f"{name}.md"), text)
     finally:
         pool.close()
-    print(text, flush=True)
-    write_output(args.out, text)
 
 
 if __name__ == "__main__":
