@@ -189,7 +189,8 @@ class Pool:
             except queue.Empty:
                 dead = [p.exitcode for p in self.procs if not p.is_alive()]
                 if dead:
-                    raise RuntimeError(f"gpu_trials: a trial process died (exit codes {dead})")
+                    raise RuntimeError(
+                        f"gpu_trials: a trial process died (exit codes {dead})") from None
         raise RuntimeError(f"gpu_trials: no result within {_WAIT_S:.0f} s")
 
     def close(self) -> None:
@@ -290,7 +291,8 @@ def precision(args: argparse.Namespace, pool: Pool) -> str:
                              eval_every_steps=steps, eval_subset_sentences=None)
         (res,) = pool.run([{"kind": "precision", "config": config, "tag": {"index": 0}}])
         base = base or res
-        rows.append([prec, f"{res['valid']['elbo']:.4f}", f"{res['test'].get('elbo', math.nan):.4f}",
+        rows.append([prec, f"{res['valid']['elbo']:.4f}",
+                     f"{res['test'].get('elbo', math.nan):.4f}",
                      f"{res['valid']['elbo'] - base['valid']['elbo']:+.4f}",
                      f"{res['test'].get('elbo', 0) - base['test'].get('elbo', 0):+.4f}",
                      f"{res['steps'] / res['train_s']:,.1f}"])

@@ -191,12 +191,13 @@ def measure(setting: Setting, *, warmup: int, seed: int, device: str = "cpu",
             base.append(c)
     trainer.check_finite()
     tokens = sum(int(b.lengths.sum()) for b in batches[n_warm:])
-    ours_wall, ours_cpu = (list(x) for x in zip(*ours))
-    base_wall, base_cpu = (list(x) for x in zip(*base))
+    ours_wall, ours_cpu = (list(x) for x in zip(*ours, strict=True))
+    base_wall, base_cpu = (list(x) for x in zip(*base, strict=True))
     return {
         "ours_ms": statistics.median(ours_wall) * 1e3,
         "base_ms": statistics.median(base_wall) * 1e3,
-        "paired_ratio": statistics.median(a / b for a, b in zip(ours_wall, base_wall)),
+        "paired_ratio": statistics.median(
+            a / b for a, b in zip(ours_wall, base_wall, strict=True)),
         "ours_cpu_ms": statistics.median(ours_cpu) * 1e3,
         "base_cpu_ms": statistics.median(base_cpu) * 1e3,
         "tokens_per_s": tokens / (sum(ours_wall) * block),

@@ -18,6 +18,7 @@ from workers._data import (
     load_corpus,
     make_batch,
 )
+from workers._device import configure_runtime
 from workers._metrics import (
     active_units,
     aggregate_mutual_information,
@@ -25,7 +26,6 @@ from workers._metrics import (
     importance_weighted_nll,
     mutual_information,
 )
-from workers._device import configure_runtime
 from workers._models import ModelShape, SentenceVAE, gaussian_kl, log_normal, reparameterize
 from workers._records import (
     CONFIG_COLUMNS,

@@ -141,7 +141,7 @@ class SplitTensors:
 
 @dataclass(frozen=True)
 class _EpochPlan:
-    """An epoch's batches on a device: sentence ids in batch order, each batch's slice and width."""
+    """An epoch's batches on a device: sentence ids in batch order, each batch's bounds."""
 
     index: torch.Tensor
     bounds: list[tuple[int, int, int]]  # (start, stop, tokens width) of each batch

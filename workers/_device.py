@@ -50,7 +50,8 @@ def configure_runtime(config: TrialConfig) -> torch.device:
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ConfigError("device", f"CUDA is not available in this process, got {config.device!r}")
+        raise ConfigError("device",
+                          f"CUDA is not available in this process, got {config.device!r}")
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_WORKSPACE)
     if device.index is None:

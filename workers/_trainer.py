@@ -1,4 +1,4 @@
-"""The training loop of one trial: steps, periodic evaluation, checkpoint/resume, a report callback.
+"""The training loop of one trial: steps, periodic evaluation, checkpoint/resume, a callback.
 
 ``train_trial`` knows nothing about Ray or MLflow. A driver plugs in through ``report``: it is
 called after every evaluation (the checkpoint of that step is already on disk) and may return
@@ -11,11 +11,8 @@ evaluation (the interval's summed loss is then non-finite), not per step.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +21,13 @@ from typing import Literal
 
 import torch
 
+from workers._checkpoint import (  # noqa: F401 - CHECKPOINT_FILE, CONFIG_FILE re-exported
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
 from workers._config import TrialConfig
 from workers._data import Corpus, load_corpus
 from workers._device import (
@@ -39,26 +43,14 @@ from workers._schedules import beta_at, fixing_stage_eval, lr_at
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
-CONFIG_FILE = "config.json"
-_CHECKPOINT_FORMAT = 2  # 2: the trial device's RNG state only; 1 (still read): every GPU's
 _MAX_LATENT_POINTS = 1000  # 2-D latent scatter: a fixed-seed sample of this many valid sentences
 # The final IW-NLL decodes at most this share of training's T × B sentence rows (half on valid,
 # half on test): one evaluation row costs ~1/3 of a training row, so ≈ 8% of the training time.
 IW_ROW_SHARE = 0.25
-# Fields that may differ between a checkpoint and the config resuming it: they change neither
-# the training trajectory nor the schedules (total_steps does: it sets ⌈T/M⌉, so β(t), lr(t)).
-_RESUMABLE_DIFFERENCES = {"device", "num_threads", "trial_id", "eval_every_steps",
-                          "eval_batch_size", "eval_subset_sentences", "iw_samples",
-                          "gpu_memory_fraction", "deterministic"}
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the trial cannot continue."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or belongs to another configuration."""
 
 
 @dataclass(frozen=True)
@@ -307,31 +299,13 @@ class _Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, directory: Path) -> Path:
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            "format": _CHECKPOINT_FORMAT,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            **rng_state(self.device),
-            "config": self.config.to_dict(),
-        }
-        tmp = directory / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, directory / CHECKPOINT_FILE)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
-        return directory
+        state = {"step": self.step, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), **rng_state(self.device)}
+        return write_checkpoint(directory, state, self.config)
 
     def restore(self, path: Path) -> None:
-        file = path / CHECKPOINT_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise CheckpointError(f"resume: no checkpoint at {str(file)!r}")
-        # On CPU first: loads whatever device (and GPU count) wrote it; load_state_dict then
-        # copies parameters and Adam moments onto this trial's device.
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        if state.get("format") not in (1, _CHECKPOINT_FORMAT):
-            raise CheckpointError(f"resume: {str(file)!r} has unknown format {state.get('format')!r}")
-        _check_compatible(TrialConfig.from_dict(state["config"]), self.config, file)
+        # Read on CPU: load_state_dict copies parameters and Adam moments onto this device.
+        state = read_checkpoint(path, self.config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state, self.device)
@@ -344,24 +318,6 @@ def iw_sentences(config: TrialConfig, n_split: int) -> int:
     (at least one sentence)."""
     budget_rows = IW_ROW_SHARE * config.total_steps * config.batch_size / 2
     return max(1, min(n_split, int(budget_rows // max(1, config.iw_samples))))
-
-
-def _check_compatible(saved: TrialConfig, current: TrialConfig, file: Path) -> None:
-    if saved.total_steps != current.total_steps:
-        raise CheckpointError(
-            f"resume: total_steps must be the checkpoint's {saved.total_steps} (it sets the cycle "
-            f"length ⌈T/M⌉ and so β(t) and lr(t) of the remaining steps; {str(file)!r}), "
-            f"got {current.total_steps}"
-        )
-    for f in dataclasses.fields(TrialConfig):
-        if f.name in _RESUMABLE_DIFFERENCES:
-            continue
-        old, new = getattr(saved, f.name), getattr(current, f.name)
-        if old != new:
-            raise CheckpointError(
-                f"resume: checkpoint {str(file)!r} was made with {f.name}={old!r}, "
-                f"the config asks for {new!r}"
-            )
 
 
 def _add_elapsed(result: TrialResult, name: str, since: float) -> float:

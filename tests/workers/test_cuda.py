@@ -125,7 +125,7 @@ def test_klstudys_training_step_code_never_syncs_with_the_host(tmp_path, model):
         config = _config(precision=precision, model=model)
         trainer = _Trainer(config.resolved(), None, torch.device("cuda", 0))
         trainer.train_step(1)  # builds the split tensors
-        where = _sync_warnings(lambda: [trainer.train_step(t) for t in range(2, 30)])
+        where = _sync_warnings(lambda tr=trainer: [tr.train_step(t) for t in range(2, 30)])
         ours = [w for w in where if w.startswith(package)]
         assert not ours, ours
         trainer.check_finite()

@@ -226,7 +226,8 @@ def test_non_finite_loss_raises_at_the_next_evaluation_naming_the_interval(grad_
     # Adam with lr = 1e6 makes the loss NaN within a couple of steps (step 2 on this machine);
     # the trial notices at its first evaluation, with no per-step host sync.
     config = _config(total_steps=400, eval_every_steps=200, lr=1e6, grad_clip=grad_clip)
-    with pytest.raises(NonFiniteLossError, match=r"^trial trial: loss is (nan|inf) in steps 1–200 "):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"^trial trial: loss is (nan|inf) in steps 1–200 "):
         train_trial(config)
 
 
