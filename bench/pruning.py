@@ -74,6 +74,9 @@ POLICIES = (  # (label, pruning section overrides, legacy order)
 # --- stage 1 ------------------------------------------------------------------------------------
 def grid_specs(args: argparse.Namespace) -> dict[str, dict]:
     base = yaml.safe_load(Path(args.spec).read_text())
+    if args.null_spec == "none":  # only the given grid (e.g. the quickstart as shipped)
+        base.pop("tracking", None)
+        return {"effect": base}
     null = yaml.safe_load(Path(args.null_spec).read_text()) if args.null_spec else copy.deepcopy(base)
     if args.seeds:
         base["seeds"] = null["seeds"] = args.seeds
@@ -263,7 +266,8 @@ def build_report(args: argparse.Namespace, ctx: dict[str, Any]) -> str:
         f"Command: `{command_line()}`  ",
         f"Machine: {environment_line()}; 2 cores, no GPU, shared with other jobs.  ",
         f"Specs: {args.spec}, {args.null_spec}; bench wall time {ctx['wall_s']:.0f} s.", "",
-        *grid_section("effect", ctx, args), *grid_section("null", ctx, args),
+        *(line for name in ("effect", "null") if name in ctx
+          for line in grid_section(name, ctx, args)),
         "Goal (✓): ≤ 0.5 of the steps, the same best configuration (or one within the full "
         "best's seed CI), the same verdict on the cyclical-vs-monotonic effect (CI above, below or "
         "around 0) with overlapping CIs; "
@@ -336,7 +340,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", default="bench/specs/pruning_effect.yaml", help="the effect grid")
     p.add_argument("--null-spec", default="bench/specs/pruning_null.yaml",
-                   help="the null grid (its beta_max is replaced); empty: the effect grid's")
+                   help="the null grid (its beta_max is replaced); empty: the effect grid's; "
+                   "none: no null grid")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override both grids'")
     p.add_argument("--null-beta-max", type=float, default=0.01)
     p.add_argument("--procs", type=int, default=2, help="concurrent trials (= the cores)")
