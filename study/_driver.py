@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from study._parent_run import close_parent_run, open_parent_run, reopen_parent_run
 from study._reconcile import reconcile
-from study._status import StudyError, objective_of, read_meta_checked, study_status
+from study._status import (
+    StudyError,
+    objective_of,
+    read_meta_checked,
+    study_status,
+    trial_counts,
+)
 from study._store import StudyDir, StudyLock, StudyLocked, now_iso
 from workers._secrets import redact_text, redact_url, reveal, write_secrets
 
@@ -252,7 +258,8 @@ def _check_optuna(sd: StudyDir, spec: StudySpec, name: str, *, allow_new: bool) 
     """A resumed study whose trials reported to Optuna must find its Optuna study again."""
     import optuna
 
-    started = any(v for k, v in study_status(sd.root)["counts"].items() if k != "pending")
+    counts = trial_counts(sd, spec.n_trials())
+    started = any(v for k, v in counts.items() if k != "pending")
     if not started or allow_new or spec.pruning.pruner == "none" and spec.search.kind == "grid":
         return
     url = reveal(redact_url(spec.pruning.storage), study_dir=sd.root,
@@ -347,10 +354,8 @@ def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None,
     status = "interrupted"
     try:
         make_tuner().fit()
-        status = _ended_as(study_status(sd.root)["counts"], meta["n_trials"])
-    except KeyboardInterrupt:
-        raise
-    except Exception:
+        status = _ended_as(trial_counts(sd, meta["n_trials"]), meta["n_trials"])
+    except Exception:  # KeyboardInterrupt passes through as "interrupted"
         status = "failed"
         raise
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study._store import StudyDir
-from workers._secrets import redact_text, redact_url
+from workers._secrets import redact_text
 
 if TYPE_CHECKING:
     from study._spec import StudySpec
@@ -113,4 +113,4 @@ def reopen_parent_run(tracking_uri: str, meta: dict[str, Any]) -> None:
 
 
 __all__ = ["artifact_location", "client_for", "close_parent_run", "flatten", "open_parent_run",
-           "redact_url", "reopen_parent_run"]
+           "reopen_parent_run"]

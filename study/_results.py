@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from study._optuna_bridge import OptunaMirror
-from study._store import PartWriter, StudyDir, Throttle, write_table
+from study._store import PartWriter, StudyDir, Throttle, read_parts, write_table
 from workers import (
     TRIAL_COLUMNS,
     Evaluation,
@@ -38,12 +38,7 @@ ERROR_KEY = "klstudy_error"  # a worker's last result when its trial failed dete
 def written_steps(folder: Any) -> dict[str, int]:
     """{trial id: highest step with rows} in the finished Parquet parts of ``folder``."""
     out: dict[str, int] = {}
-    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
-        try:
-            table = pq.read_table(part, columns=["trial_id", "step"])
-        except Exception:  # a damaged part: its rows are lost anyway, rewrite them
-            log.warning("skipping unreadable %s", part)
-            continue
+    for table in read_parts(folder, ["trial_id", "step"]):  # a damaged part's rows are rewritten
         for trial_id, step in zip(table["trial_id"].to_pylist(), table["step"].to_pylist(),
                                   strict=True):
             out[trial_id] = max(out.get(trial_id, 0), int(step))

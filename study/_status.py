@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from study._store import StudyDir, lock_holder
+from study._store import StudyDir, lock_holder, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,8 @@ def study_status(study_dir: str | Path) -> dict[str, Any]:
 def final_valid(sd: StudyDir, metric: str) -> dict[str, float]:
     """{trial id: final validation ``metric``} from the finished Parquet parts (a part being
     written, ``part-*.tmp``, or a damaged one is skipped)."""
-    folder = sd.root / "evaluations"
     out: dict[str, float] = {}
-    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
-        try:
-            table = pq.read_table(part, columns=["trial_id", "split", "final", metric])
-        except Exception as exc:
-            log.warning("skipping unreadable %s (%s)", part, exc)
-            continue
+    for table in read_parts(sd.root / "evaluations", ["trial_id", "split", "final", metric]):
         for row in table.to_pylist():
             if row["split"] == "valid" and row["final"]:
                 out[row["trial_id"]] = row[metric]

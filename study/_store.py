@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
 STUDY_FILE = "study.json"
 
 
@@ -155,6 +158,16 @@ def lock_holder(sd: StudyDir) -> dict[str, Any] | None:
         return None
     finally:
         os.close(fd)
+
+
+def read_parts(folder: Path, columns: list[str]) -> Iterator[pa.Table]:
+    """``columns`` of each finished part in ``folder``, in order; a part being written
+    (``part-*.tmp``) is never read and a damaged one is skipped with a warning."""
+    for part in sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []:
+        try:
+            yield pq.read_table(part, columns=columns)
+        except Exception as exc:
+            log.warning("skipping unreadable %s (%s)", part, exc)
 
 
 class PartWriter:
