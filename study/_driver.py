@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from study._cluster_check import connect
 from study._parent_run import close_parent_run, open_parent_run, reopen_parent_run
 from study._reconcile import reconcile
 from study._status import (
@@ -29,7 +30,7 @@ from study._status import (
     study_status,
     trial_counts,
 )
-from study._store import StudyDir, StudyLock, StudyLocked, now_iso
+from study._store import LOCK_FILE, StudyDir, StudyLock, StudyLocked, now_iso
 from workers._secrets import redact_text, redact_url, reveal, write_secrets
 
 if TYPE_CHECKING:
@@ -58,19 +59,6 @@ class StudySummary:
 
 
 # --- Ray Tune ---------------------------------------------------------------------------------
-def _init_ray(address: str | None) -> bool:
-    """Connect to ``address`` (or RAY_ADDRESS), else start embedded Ray on 127.0.0.1 (nothing
-    listens on a routable address); True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    target = address or os.environ.get("RAY_ADDRESS")
-    local = {} if target else {"_node_ip_address": "127.0.0.1", "include_dashboard": False}
-    ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False, **local)
-    return target is None
-
-
 def _eval_step_at(spec: StudySpec, share: float) -> int:
     """The first evaluation step at or after ``share`` of total_steps (the evaluation grid:
     multiples of eval_every_steps, and total_steps)."""
@@ -164,23 +152,45 @@ def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path,
     if sd.exists():
         raise StudyError(f"--study-dir: {str(sd.root)!r} already holds a study; continue it with "
                          f"`klstudy resume {sd.root}` or choose another directory")
+    created = not sd.root.exists()
     sd.root.mkdir(parents=True, exist_ok=True)
     with _locked(sd, "klstudy run"):
-        uri = tracking_uri or spec.tracking.uri or sd.mlflow_url
-        write_secrets(sd.root, {"tracking_uri": uri, "pruning_storage": spec.pruning.storage})
-        (sd.root / "spec.yaml").write_text(redact_text(spec_text))
-        experiment_id, parent_run_id = open_parent_run(spec, spec_text, sd, uri)
-        # Unique per study: two studies sharing one Optuna storage never share twins.
-        optuna_study = f"{spec.name}.{parent_run_id[:12]}"
-        meta = {"name": spec.name, "spec": _redacted_spec(spec), "tracking_uri": redact_url(uri),
-                "experiment_name": spec.name, "experiment_id": experiment_id,
-                "parent_run_id": parent_run_id, "optuna_study": optuna_study,
-                "objective": {"metric": spec.objective.metric, "mode": spec.objective.mode},
-                "status": "running", "n_trials": spec.n_trials(), "started_at": now_iso(),
-                "finished_at": None, "address": address}
-        sd.write_meta(meta)
-        return _fit(sd, meta, address, lambda: _build_tuner(spec, sd, _context(sd, meta),
-                                                             optuna_study))
+        try:
+            we_started_ray = connect(sd.root, address)
+        except StudyError:  # refused before anything was written: leave no study behind
+            (sd.root / LOCK_FILE).unlink(missing_ok=True)
+            if created and not any(sd.root.iterdir()):
+                sd.root.rmdir()
+            raise
+        try:
+            meta, optuna_study = _start_record(spec, spec_text, sd, tracking_uri, address)
+        except BaseException:
+            if we_started_ray:
+                import ray
+
+                ray.shutdown()
+            raise
+        return _fit(sd, meta, we_started_ray,
+                    lambda: _build_tuner(spec, sd, _context(sd, meta), optuna_study))
+
+
+def _start_record(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri: str | None,
+                  address: str | None) -> tuple[dict[str, Any], str]:
+    """Secrets, the redacted spec, the MLflow parent run and ``study.json`` of a new study."""
+    uri = tracking_uri or spec.tracking.uri or sd.mlflow_url
+    write_secrets(sd.root, {"tracking_uri": uri, "pruning_storage": spec.pruning.storage})
+    (sd.root / "spec.yaml").write_text(redact_text(spec_text))
+    experiment_id, parent_run_id = open_parent_run(spec, spec_text, sd, uri)
+    # Unique per study: two studies sharing one Optuna storage never share twins.
+    optuna_study = f"{spec.name}.{parent_run_id[:12]}"
+    meta = {"name": spec.name, "spec": _redacted_spec(spec), "tracking_uri": redact_url(uri),
+            "experiment_name": spec.name, "experiment_id": experiment_id,
+            "parent_run_id": parent_run_id, "optuna_study": optuna_study,
+            "objective": {"metric": spec.objective.metric, "mode": spec.objective.mode},
+            "status": "running", "n_trials": spec.n_trials(), "started_at": now_iso(),
+            "finished_at": None, "address": address}
+    sd.write_meta(meta)
+    return meta, optuna_study
 
 
 def _redacted_spec(spec: StudySpec) -> dict[str, Any]:
@@ -238,9 +248,10 @@ def resume_study(study_dir: str | Path, *, address: str | None = None,
             stale.unlink()  # half-written by a killed driver; we hold the lock, nobody writes
         optuna_study = meta.get("optuna_study", meta["name"])  # older studies: the spec name
         _check_optuna(sd, spec, optuna_study, allow_new=allow_new_optuna)
+        we_started_ray = connect(sd.root, address or meta.get("address"))
         meta = sd.update_meta(status="running", resumed_at=now_iso())
         _safely("reopen the MLflow parent run", reopen_parent_run, _tracking(sd, meta), meta)
-        return _fit(sd, meta, address or meta.get("address"),
+        return _fit(sd, meta, we_started_ray,
                     lambda: _restore_or_restart(sd, meta, spec, optuna_study))
 
 
@@ -340,7 +351,7 @@ def _ended_as(counts: dict[str, int], n_trials: int) -> str:
     return "finished"
 
 
-def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None,
+def _fit(sd: StudyDir, meta: dict[str, Any], we_started_ray: bool,
          make_tuner: Any) -> StudySummary:
     import optuna
 
@@ -350,7 +361,6 @@ def _fit(sd: StudyDir, meta: dict[str, Any], address: str | None,
         uri = _tracking(sd, meta)
     except PermissionError as exc:
         raise StudyError(str(exc)) from None
-    we_started_ray = _init_ray(address)
     status = "interrupted"
     try:
         make_tuner().fit()

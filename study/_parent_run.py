@@ -6,37 +6,15 @@ Every text that goes to MLflow has credentials redacted (``study._secrets``).
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from study._mlflow_store import client_for
 from study._store import StudyDir
 from workers._secrets import redact_text
 
 if TYPE_CHECKING:
     from study._spec import StudySpec
-
-log = logging.getLogger(__name__)
-_MIGRATION_RETRIES = 5  # a fresh sqlite store opened by two processes at once (FIELD-NOTES)
-
-
-def client_for(tracking_uri: str) -> Any:
-    """An ``MlflowClient``; a fresh sqlite store is created under retries, because MLflow's
-    schema migrations fail when another process runs them at the same moment."""
-    from mlflow.tracking import MlflowClient
-
-    for attempt in range(_MIGRATION_RETRIES):
-        try:
-            client = MlflowClient(tracking_uri=tracking_uri)
-            client.search_experiments(max_results=1)  # forces the store (and its migrations)
-            return client
-        except Exception as exc:  # sqlalchemy OperationalError, wrapped by MLflow
-            if "already exists" not in str(exc) or attempt == _MIGRATION_RETRIES - 1:
-                raise
-            log.info("MLflow store busy (%s); retrying", str(exc).splitlines()[0][:200])
-            time.sleep(1.0 + attempt)
-    raise AssertionError("unreachable")
 
 
 def open_parent_run(spec: StudySpec, spec_text: str, sd: StudyDir,

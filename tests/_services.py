@@ -238,12 +238,16 @@ class RayCluster(_Service):
         tmp_dir: where the `ray start` output and, after stop, the Ray session logs are kept.
         head_cpus, worker_cpus: `--num-cpus` of each node.
         head_resources, worker_resources: custom resources (`--resources`) of each node.
+        worker_wrap: a command prefix for the worker node's `ray start` (e.g. an `unshare` that
+            gives it a private mount namespace).
     """
 
     def __init__(self, tmp_dir: str | os.PathLike[str], *, head_cpus: int = 1,
                  worker_cpus: int = 1, head_resources: dict[str, float] | None = None,
-                 worker_resources: dict[str, float] | None = None) -> None:
+                 worker_resources: dict[str, float] | None = None,
+                 worker_wrap: list[str] | None = None) -> None:
         super().__init__()
+        self.worker_wrap = list(worker_wrap or [])
         self.tmp_dir = Path(tmp_dir)
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.head_resources, self.worker_resources = head_resources, worker_resources
@@ -273,7 +277,8 @@ class RayCluster(_Service):
                 f"--dashboard-port={self.dashboard_port}",
                 f"--ray-client-server-port={self._ports.pop()}",
             ]
-        return cmd + [f"--address={self.gcs_address}", f"--node-ip-address={WORKER_IP}"]
+        return [*self.worker_wrap, *cmd, f"--address={self.gcs_address}",
+                f"--node-ip-address={WORKER_IP}"]
 
     def start(self) -> RayCluster:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -122,3 +122,42 @@ def test_a_killed_node_has_its_trials_rescheduled(tmp_path: Path) -> None:
 
     failed = [t for t in ExperimentAnalysis(str(study_dir / "tune")).trials if t.num_failures]
     assert failed, "no trial was rescheduled"
+
+
+def _private_mounts_work() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _private_mounts_work(),
+                    reason="needs `unshare --mount` (root or user namespaces) to give the "
+                           "second node its own view of the filesystem")
+def test_a_study_dir_the_other_node_cannot_see_is_refused_up_front(tmp_path: Path) -> None:
+    """The worker node runs in its own mount namespace with an empty tmpfs over `local/`, the
+    way a second machine sees a directory on the head's local disk: the study must be refused
+    before any trial starts, naming the node, and leave no study behind."""
+    local = tmp_path / "local"
+    local.mkdir()
+    hide = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs tmpfs "$0" && exec "$@"', str(local)]
+    with RayCluster(tmp_path / "ray", head_cpus=1, worker_cpus=1, worker_wrap=hide) as cluster:
+        spec_file = tmp_path / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(SPEC))
+        study_dir = local / "study"
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "study.cli", "run", str(spec_file), "--study-dir",
+             str(study_dir), "--address", cluster.gcs_address],
+            env=cluster.env, capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "not shared by every node" in errors[0] and WORKER_IP in errors[0], errors[0]
+    assert "does not see the driver's file" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not study_dir.exists(), sorted(p.name for p in study_dir.iterdir())
+    assert took < 200, f"the refusal took {took:.0f} s"
