@@ -87,7 +87,8 @@ def plot(rows: list[dict[str, Any]], path: str, threshold: float) -> None:
         rs = [r for r in rows if r["arm"] == arm]
         xs = [r["T"] for r in rs]
         ys = [r["k"] / r["n"] for r in rs]
-        err = [[y - r["lo"] for y, r in zip(ys, rs, strict=True)], [r["hi"] - y for y, r in zip(ys, rs, strict=True)]]
+        err = [[y - r["lo"] for y, r in zip(ys, rs, strict=True)],
+               [r["hi"] - y for y, r in zip(ys, rs, strict=True)]]
         label = f"{arm} (M={ARMS[arm]['n_cycles']}, R={ARMS[arm]['ratio']})"
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colour, label=label)
     ax.set_xlabel("T (optimizer steps per trial)")
