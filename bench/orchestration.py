@@ -203,6 +203,7 @@ def instrumented(probe: Probe, sampler: CpuSampler) -> Iterator[None]:
 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
+    import study._cluster_check as cluster_check
     import study._driver as driver
     from study._pruning import OptunaPruningScheduler
     from study._results import StudyRecorder
@@ -218,12 +219,13 @@ def instrumented(probe: Probe, sampler: CpuSampler) -> Iterator[None]:
 
     saved: list[tuple[Any, str, Any]] = []
     targets = [
-        (driver, "_open_parent_run", "driver: MLflow parent run (open)", None),
-        (driver, "_init_ray", "driver: ray.init", None),
+        (driver, "open_parent_run", "driver: MLflow parent run (open)", None),
+        (cluster_check, "_init_ray", "driver: ray.init", None),
+        (cluster_check, "check_shared_study_dir", "driver: shared study-dir check", None),
         (driver, "_build_tuner", "driver: build Tuner", None),
         (tune.Tuner, "fit", "driver: Tuner.fit (the trials)", fit_called),
         (driver, "_summarise", "driver: summarise (Parquet read)", None),
-        (driver, "_close_parent_run", "driver: MLflow parent run (close)", None),
+        (driver, "close_parent_run", "driver: MLflow parent run (close)", None),
         (ray, "shutdown", "driver: ray.shutdown", snapshot),
         (OptunaPruningScheduler, "on_trial_result", "hook: scheduler.on_trial_result (Optuna sqlite)",
          probe.mark("result")),

@@ -33,6 +33,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iw-samples", type=int, default=100,
                    help="K of the final IW-NLL (within a budget of T*batch/4 rows); 0 skips")
     p.add_argument("--max-train-sentences", type=int, default=None)
+    p.add_argument("--max-vocab", type=int, default=None,
+                   help="keep the most frequent train words (4 specials included)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest for the toy; try 2-4 for lstm_text)")
@@ -56,7 +58,7 @@ def _train_config(args: argparse.Namespace):  # -> TrialConfig
         model=args.model,
         data=data,
         data_path=data_path,
-        max_train_sentences=args.max_train_sentences,
+        max_train_sentences=args.max_train_sentences, max_vocab=args.max_vocab,
         total_steps=args.total_steps,
         batch_size=args.batch_size or (32 if text_model else 10),
         lr=args.lr,

@@ -108,6 +108,8 @@ class DataSpec(_Section):
     path: str | None = None
     max_train_sentences: PosInt | None = None
     max_length: PosInt | None = None  # words; longer sentences are dropped
+    # the most frequent train words kept (4 specials included); the rest become <unk>
+    max_vocab: Annotated[int, Field(ge=5)] | None = None
 
     @field_validator("kind")
     @classmethod
@@ -458,7 +460,7 @@ class StudySpec(_Section):
             model=m.kind, emb_dim=m.emb_dim, hidden_dim=m.hidden_dim, latent_dim=m.latent_dim,
             n_layers=m.n_layers, dropout=m.dropout,
             data=d.kind, data_path=d.path, max_train_sentences=d.max_train_sentences,
-            max_length=d.max_length,
+            max_length=d.max_length, max_vocab=d.max_vocab,
             total_steps=t.total_steps, batch_size=t.batch_size, lr=t.lr,
             grad_clip=t.grad_clip, eval_every_steps=t.eval_every_steps,
             eval_batch_size=t.eval_batch_size, iw_samples=t.iw_samples, precision=t.precision,

@@ -50,6 +50,7 @@ class TrialConfig:
     data_path: str | None = None  # directory of train/valid/test text files, for data="text"
     max_train_sentences: int | None = None
     max_length: int | None = None  # words; longer *training* sentences are dropped
+    max_vocab: int | None = None  # the most frequent train words kept (specials included)
     # optimisation
     total_steps: int = 4000
     batch_size: int = 10
@@ -118,6 +119,8 @@ class TrialConfig:
             *((name, getattr(self, name) is None or getattr(self, name) >= 1, "must be at least 1")
               for name in ("emb_dim", "hidden_dim", "latent_dim", "n_layers", "max_length",
                            "max_train_sentences", "eval_subset_sentences")),
+            ("max_vocab", self.max_vocab is None or self.max_vocab >= 5,
+             "must be at least 5 (4 special tokens and a word)"),
             ("dropout", self.dropout is None or 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
         ]
         for name, ok, message in rules:

@@ -66,11 +66,14 @@ class Vocab:
     tokens: tuple[str, ...]
 
     @classmethod
-    def build(cls, sentences: Sequence[Sequence[str]]) -> Vocab:
-        """Specials, then the words of ``sentences`` (escaped) by decreasing count, then A–Z."""
+    def build(cls, sentences: Sequence[Sequence[str]], max_size: int | None = None) -> Vocab:
+        """Specials, then the words of ``sentences`` (escaped) by decreasing count, then A–Z;
+        with ``max_size``, only the most frequent words that fit (the rest become ``<unk>``)."""
         counts = Counter(escape_token(tok) for sent in sentences for tok in sent)
         specials = (PAD, UNK, BOS, EOS)
         words = sorted((t for t in counts if t not in specials), key=lambda t: (-counts[t], t))
+        if max_size is not None:
+            words = words[: max(0, max_size - len(specials))]
         return cls(specials + tuple(words))
 
     def __len__(self) -> int:
@@ -259,14 +262,18 @@ def _tokenize(text: str) -> list[list[str]]:
 
 
 def corpus_from_texts(
-    texts: dict[str, str], *, max_length: int | None = None, max_train_sentences: int | None = None
+    texts: dict[str, str], *, max_length: int | None = None, max_train_sentences: int | None = None,
+    max_vocab: int | None = None,
 ) -> Corpus:
     """Build a corpus from the raw text of each split (one sentence per line).
 
     The vocabulary always comes from the whole train split. ``max_length`` (words) and then
     ``max_train_sentences`` (the first N that remain) select the *training* sentences only:
     valid and test keep every sentence, so their metrics stay comparable across settings
-    (and with published numbers, e.g. all 3,761 PTB test sentences).
+    (and with published numbers, e.g. all 3,761 PTB test sentences). ``max_vocab`` keeps the
+    most frequent train words (specials included in the count); rarer ones become ``<unk>``
+    in every split, which makes a CPU-scale softmax cheaper (and perplexities incomparable
+    with full-vocabulary ones).
 
     Raises:
         DataError: a split has no sentences (train: after ``max_length``).
@@ -275,7 +282,7 @@ def corpus_from_texts(
     for split, sents in tokenized.items():
         if not sents:
             raise DataError(f"data.{split}: no sentences")
-    vocab = Vocab.build(tokenized["train"])
+    vocab = Vocab.build(tokenized["train"], max_size=max_vocab)
     train = tokenized["train"]
     if max_length is not None:
         train = [s for s in train if len(s) <= max_length]
@@ -328,6 +335,7 @@ def load_corpus(
     path: str | None = None,
     max_length: int | None = None,
     max_train_sentences: int | None = None,
+    max_vocab: int | None = None,
 ) -> Corpus:
     """Load the corpus of a data config: ``toy``, ``ptb`` or ``text`` (with ``path``)."""
     if kind == "toy":
@@ -340,4 +348,5 @@ def load_corpus(
         texts = {split: f.read_text(encoding="utf-8") for split, f in find_text_files(path).items()}
     else:
         raise DataError(f"data.kind: must be one of toy, ptb, text, got {kind!r}")
-    return corpus_from_texts(texts, max_length=max_length, max_train_sentences=max_train_sentences)
+    return corpus_from_texts(texts, max_length=max_length, max_train_sentences=max_train_sentences,
+                             max_vocab=max_vocab)

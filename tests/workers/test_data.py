@@ -249,6 +249,22 @@ def test_max_length_then_max_train_sentences(tmp_path):
     assert [corpus.vocab.decode(s) for s in corpus.splits["train"]] == [["a"], ["b", "b"]]
 
 
+def test_max_vocab_keeps_the_most_frequent_train_words_and_unks_the_rest(tmp_path):
+    texts = {"train": "a\nb b\nc c c\nd\n", "valid": "d c b\n", "test": "a c\n"}
+    corpus = load_corpus("text", path=str(_write_splits(tmp_path, texts)), max_vocab=6)
+    assert corpus.vocab.tokens == (*SPECIALS, "c", "b")  # 4 specials + the 2 most frequent
+    assert corpus.vocab.decode(corpus.splits["valid"][0]) == ["<unk>", "c", "b"]
+    assert corpus.vocab.decode(corpus.splits["test"][0]) == ["<unk>", "c"]
+    assert corpus.vocab.decode(corpus.splits["train"][0]) == ["<unk>"]
+
+
+def test_max_vocab_below_the_specials_is_a_config_error():
+    from workers import ConfigError, TrialConfig
+
+    with pytest.raises(ConfigError, match=r"max_vocab: must be at least 5"):
+        TrialConfig(max_vocab=4).check()
+
+
 # --- special tokens in user text ---------------------------------------------------------------
 @pytest.mark.parametrize("literal", ["<pad>", "<s>", "</s>"])
 def test_a_literal_special_in_text_is_an_ordinary_word(tmp_path, literal):
