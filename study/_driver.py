@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # klstudy prints its own progress line; Tune's new console output would add tables around it.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# On Ctrl-C Tune logs "Resume experiment with: Tuner.restore(...)" (klstudy prints its own resume
+# command) and one "Could not fetch metrics" line per trial that never started (200 lines for a
+# 240-trial study interrupted early).
+_QUIET_RAY_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,8 @@ def _fit(sd: StudyDir, meta: dict[str, Any], we_started_ray: bool,
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in _QUIET_RAY_LOGGERS:  # klstudy reports these outcomes itself, with its commands
+        logging.getLogger(name).setLevel(logging.ERROR)
     started = time.monotonic()
     try:
         uri = _tracking(sd, meta)
