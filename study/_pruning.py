@@ -121,11 +121,17 @@ class OptunaPruningScheduler(FIFOScheduler):
         self.mirror = mirror
         self.policy = policy or PruningPolicy()
         self._carried: dict[str, float] = {}
+        self._twinned: set[str] = set()  # pruner "none": twins made, nothing else to do
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_carried"] = {}  # rebuilt from the twins' intermediate values after restore
+        state["_twinned"] = set()
         return state
+
+    @property
+    def _never_prunes(self) -> bool:
+        return self.mirror.pruner_kwargs.get("kind", "none") == "none"
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # the metric and mode are the study objective's
@@ -134,6 +140,15 @@ class OptunaPruningScheduler(FIFOScheduler):
         trial_id = result.get(TRIAL_KEY) or trial.config["trial"]["trial_id"]
         if "step" not in result or result.get("klstudy_error"):
             return TrialScheduler.CONTINUE  # a failure report: on_trial_complete tells Optuna
+        if self._never_prunes:
+            # Nothing can be pruned: only the twin is needed (its final value comes with
+            # on_trial_complete). Reporting every evaluation to the Optuna storage cost each
+            # trial a ~22 ms driver round trip per report (bench/orchestration.py).
+            if trial_id not in self._twinned:
+                self.mirror.ensure(trial_id, trial_params(trial.config, self.mirror.search_space),
+                                   seed=_seed(trial.config))
+                self._twinned.add(trial_id)
+            return TrialScheduler.CONTINUE
         twin = self.mirror.ensure(trial_id, trial_params(trial.config, self.mirror.search_space),
                                   seed=_seed(trial.config))
         if twin.state == TrialState.PRUNED:

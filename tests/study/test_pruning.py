@@ -277,3 +277,18 @@ def test_a_share_of_one_is_the_last_step_even_off_the_interval() -> None:
     from study._driver import pruning_policy
 
     assert pruning_policy(_spec(pruning={"min_share": 1.0})).min_step == 1000
+
+
+def test_pruner_none_makes_each_twin_once_and_reports_no_intermediates(tmp_path) -> None:
+    m = mirror(tmp_path, "none")
+    sched = scheduler(m, phase_aware=False)
+    complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
+    poor = fake_trial("b")
+    for step in (10, 20):
+        assert sched.on_trial_result(None, poor, result(step, -50.0)) == TrialScheduler.CONTINUE
+    assert m.state_of("b") == TrialState.RUNNING and m.find("b").intermediate_values == {}
+    assert m.find("a").state == TrialState.COMPLETE and m.find("a").value == -1.0
+    assert len(m.study.get_trials()) == 2  # one twin per trial, however many reports
+    restored = pickle.loads(pickle.dumps(sched))  # a resumed driver finds the twin again
+    restored.on_trial_result(None, poor, result(30, -40.0))
+    assert len(restored.mirror.study.get_trials()) == 2
