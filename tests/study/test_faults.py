@@ -165,3 +165,56 @@ def test_damaged_state_files_get_a_message_and_a_way_forward(tmp_path: Path) -> 
     for tid in done_before:  # completed before the kill: never trained again
         assert (evals.query("trial_id == @tid and split == 'valid'")["step"].diff().dropna()
                 > 0).all()
+
+
+def _final_checkpoints(study_dir: Path) -> list[Path]:
+    return sorted((study_dir / "tune").glob("run_trial_*/checkpoint_*/final_result.json"))
+
+
+def _result_steps(trial_dir: Path) -> list[int]:
+    lines = (trial_dir / "result.json").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+def test_a_kill_between_a_trials_end_and_its_record_keeps_it_completed(tmp_path: Path) -> None:
+    """SIGKILL the driver the moment a trial's final checkpoint (with its final result) is in
+    the study directory: the worker has finished and marked its MLflow run, the driver has not
+    yet recorded it. After resume the trial is completed once everywhere, not trained again."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    proc, study_dir = start_run(tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not _final_checkpoints(study_dir):
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    except BaseException:
+        kill_group(proc)
+        raise
+    ended = _final_checkpoints(study_dir)[0].parent.parent  # the Tune trial folder
+    config = json.loads((ended / "params.json").read_text())["trial"]
+    trial_id = config["trial_id"]
+    recorded_before = statuses(study_dir).get(trial_id)
+    steps_before = _result_steps(ended) if (ended / "result.json").exists() else []
+
+    resumed = klstudy("resume", str(study_dir))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert_finished_once(study_dir)
+    # the window was hit: the driver had not recorded the trial as completed
+    assert recorded_before != "completed", recorded_before
+    steps = _result_steps(ended)
+    assert steps[: len(steps_before)] == steps_before
+    assert all(b >= a for a, b in zip(steps, steps[1:], strict=False)), steps  # no re-training
+    info = meta(study_dir)
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    runs = client.search_runs([info["experiment_id"]],
+                              filter_string=f"tags.`klstudy.trial_id` = '{trial_id}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    assert runs[0].data.tags.get("klstudy.status") == "completed"
+    twins = [t for t in optuna.load_study(study_name=info["optuna_study"],
+                                          storage=f"sqlite:///{study_dir / 'optuna.db'}").trials
+             if t.user_attrs.get("tune_trial_id") == trial_id]
+    assert len(twins) == 1 and twins[0].state == optuna.trial.TrialState.COMPLETE, twins
