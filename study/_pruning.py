@@ -129,6 +129,10 @@ class OptunaPruningScheduler(FIFOScheduler):
         state["_twinned"] = set()
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A scheduler pickled by an older klstudy (in a study's tuner.pkl) lacks newer fields.
+        self.__dict__.update({"_carried": {}, "_twinned": set(), **state})
+
     @property
     def _never_prunes(self) -> bool:
         return self.mirror.pruner_kwargs.get("kind", "none") == "none"

@@ -292,3 +292,15 @@ def test_pruner_none_makes_each_twin_once_and_reports_no_intermediates(tmp_path)
     restored = pickle.loads(pickle.dumps(sched))  # a resumed driver finds the twin again
     restored.on_trial_result(None, poor, result(30, -40.0))
     assert len(restored.mirror.study.get_trials()) == 2
+
+
+def test_a_scheduler_pickled_by_an_older_klstudy_still_works(tmp_path) -> None:
+    """tuner.pkl of a study started before ``_twinned`` existed: resume must not crash."""
+    m = mirror(tmp_path, "none")
+    state = scheduler(m, phase_aware=False).__getstate__()
+    del state["_twinned"], state["_carried"]  # what an older version's tuner.pkl holds
+    restored = OptunaPruningScheduler.__new__(OptunaPruningScheduler)
+    restored.__setstate__(state)  # what unpickling does
+    trial = fake_trial("a")
+    assert restored.on_trial_result(None, trial, result(10, -2.0)) == TrialScheduler.CONTINUE
+    assert m.state_of("a") == TrialState.RUNNING
