@@ -210,7 +210,11 @@ def _run(config: TrialConfig, run_log: TrialRunLogger | None, reporter: _Reporte
     with tempfile.TemporaryDirectory(prefix="klstudy-ckpt-") as work:
         resume_from = _restore_dir(checkpoint, Path(work) / "restored") if checkpoint else None
         if resume_from is not None and (resume_from / FINAL_RESULT_FILE).is_file():
-            _replay_final(resume_from, config, run_log, tune)
+            final = _read_final(resume_from / FINAL_RESULT_FILE)
+        else:  # a driver killed before it registered the final checkpoint restores an older one
+            final = stored_final_result(tune)
+        if final is not None:
+            _replay_final(final, config, run_log, tune)
             return
         if run_log is not None:
             run_log.start()
@@ -247,10 +251,49 @@ def _train(config: TrialConfig, report: _Reporter, ckpt_dir: Path,
                 corpus=corpus, checkpoint_every_s=_CHECKPOINT_EVERY_S)
 
 
-def _replay_final(restored: Path, config: TrialConfig, run_log: TrialRunLogger | None,
+def _read_final(path: Path) -> dict[str, Any] | None:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):  # half copied when its copier was killed: train instead
+        return None
+    return result if isinstance(result, dict) and result.get("final") else None
+
+
+def stored_final_result(tune: Any) -> dict[str, Any] | None:
+    """The final result in any of this trial's checkpoints in the study's storage, or None.
+
+    Tune restores a trial from the last checkpoint its driver *registered*; a driver killed
+    between a trial's final checkpoint landing in storage and the next experiment-state save
+    restores an older one (or none), and the trial would be trained again."""
+    try:
+        import pyarrow.fs as pafs
+
+        storage = tune.get_context().get_storage()
+        fs, trial_path = storage.storage_filesystem, storage.trial_fs_path
+        found = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+        names = sorted((Path(f.path).name for f in found
+                        if f.type == pafs.FileType.Directory
+                        and Path(f.path).name.startswith("checkpoint_")), reverse=True)
+        for name in names:
+            path = f"{trial_path}/{name}/{FINAL_RESULT_FILE}"
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                continue
+            with fs.open_input_stream(path) as stream:
+                text = stream.read().decode(errors="replace")
+            try:
+                result = json.loads(text)
+            except ValueError:  # half copied when its copier was killed
+                continue
+            if isinstance(result, dict) and result.get("final"):
+                return result
+    except Exception as exc:  # noqa: BLE001 - a lookup that fails means: train as before
+        log.warning("could not look for a final checkpoint in the trial's storage: %s", exc)
+    return None
+
+
+def _replay_final(result: dict[str, Any], config: TrialConfig, run_log: TrialRunLogger | None,
                   tune: Any) -> None:
-    """The restored checkpoint is the trial's final one: report its final result again."""
-    result = json.loads((restored / FINAL_RESULT_FILE).read_text())
+    """The trial already ended with ``result`` (its final checkpoint): report it again."""
     log.info("trial %s restored from its final checkpoint: re-reporting its final result",
              config.trial_id)
     if run_log is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ class FakeCheckpoint:
 
     @classmethod
     def from_directory(cls, path: str) -> FakeCheckpoint:
-        target = cls.store / f"ckpt-{len(list(cls.store.iterdir())):04d}"
+        target = cls.store / f"checkpoint_{len(list(cls.store.glob('checkpoint_*'))):06d}"
         shutil.copytree(path, target)
         return cls(target)
 
@@ -37,7 +38,8 @@ class FakeCheckpoint:
 
 
 class FakeTune:
-    """What ``run_trial`` uses of ``ray.tune``: report, get_checkpoint, Checkpoint."""
+    """What ``run_trial`` uses of ``ray.tune``: report, get_checkpoint, Checkpoint, and the
+    trial's storage (``store``, where reported checkpoints land, as in Tune's trial folder)."""
 
     def __init__(self, store: Path, restore: FakeCheckpoint | None = None,
                  fail_at_step: int | None = None) -> None:
@@ -48,6 +50,13 @@ class FakeTune:
 
     def get_checkpoint(self) -> FakeCheckpoint | None:
         return self.restore
+
+    def get_context(self) -> Any:
+        import pyarrow.fs as pafs
+
+        storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(),
+                                  trial_fs_path=str(self.Checkpoint.store))
+        return SimpleNamespace(get_storage=lambda: storage)
 
     def report(self, result: dict[str, Any], checkpoint: FakeCheckpoint | None = None) -> None:
         if self.fail_at_step is not None and result.get("step") == self.fail_at_step:
@@ -150,6 +159,30 @@ def test_a_worker_restored_from_the_final_checkpoint_re_reports_instead_of_train
     run = _trial_run(study)
     assert run.info.status == "FINISHED" and run.data.tags["klstudy.status"] == "completed"
     assert replayed["mlflow_run_id"] in ("", run.info.run_id)
+
+
+def test_a_final_checkpoint_tune_never_registered_is_found_in_storage(tmp_path, study):
+    """The driver died after the final checkpoint reached the trial folder and before it saved
+    its state: Tune restores the step-10 checkpoint (or none); the trial is not trained again."""
+    first = _run(tmp_path, study)
+    final = first.reports[-1][0]
+    for restore in (first.reports[0][1], None):
+        again = _run_with(FakeTune(tmp_path / "tune", restore=restore), study)
+        assert len(again.reports) == 1, again.steps
+        replayed = again.reports[0][0]
+        assert replayed["replayed"] and replayed["step"] == final["step"] == 60
+        assert {k: v for k, v in replayed.items() if "/" in k} == {
+            k: v for k, v in final.items() if "/" in k}
+    run = _trial_run(study)
+    assert run.info.status == "FINISHED" and run.data.tags["klstudy.status"] == "completed"
+
+
+def test_a_half_copied_final_result_in_storage_means_training_on(tmp_path):
+    first = _run(tmp_path, None)
+    final_ckpt = first.reports[-1][1].path
+    (final_ckpt / FINAL_RESULT_FILE).write_text('{"final": tr')
+    again = _run_with(FakeTune(tmp_path / "tune", restore=first.reports[0][1]), None)
+    assert again.steps == [20, 30, 40, 50, 60]
 
 
 # --- MLflow through the spool ----------------------------------------------------------------
