@@ -30,8 +30,10 @@ _PREFIX = ".klstudy-probe-"
 
 
 def _init_ray(address: str | None) -> bool:
-    """Connect to ``address`` (or RAY_ADDRESS), else start embedded Ray on 127.0.0.1 (nothing
-    listens on a routable address); True if we started it."""
+    """Connect to ``address`` (or RAY_ADDRESS), else start embedded Ray with node address
+    127.0.0.1 and no dashboard; True if we started it. (Ray 2.60 still rewrites that address
+    to the host's own interface address and binds its gRPC ports on every interface; there is
+    no setting against it: FIELD-NOTES, README "Choices".)"""
     import ray
 
     if ray.is_initialized():
