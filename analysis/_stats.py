@@ -131,19 +131,41 @@ def paired_vs_monotonic(finals: pd.DataFrame,
         One row per (cyclical config, metric) with :data:`PAIRED_COLUMNS`; empty when the study
         has no monotonic or no cyclical config.
     """
-    keys, shared = list(CONFIG_KEYS), [k for k in CONFIG_KEYS if k != "n_cycles"]
     finals = with_lr_schedule(finals[finals["ratio"] > 0])
+    return _paired_against(finals, "n_cycles", lambda col: col == 1, metrics)
+
+
+def paired_vs_constant_lr(finals: pd.DataFrame,
+                          metrics: Sequence[str] = ("rec", "kl", "elbo")) -> pd.DataFrame:
+    """Each config with a non-constant learning-rate schedule against the same β schedule
+    (M, R, ramp, β_max) with a constant one, paired by seed (the paper's Table 4 ablation).
+
+    Returns:
+        Like :func:`paired_vs_monotonic`: one row per (config, metric), differences
+        ``lr_schedule`` − constant; empty without both kinds of learning-rate schedule.
+    """
+    finals = with_lr_schedule(finals)
+    return _paired_against(finals, "lr_schedule", lambda col: col == DEFAULT_LR_SCHEDULE,
+                           metrics)
+
+
+def _paired_against(finals: pd.DataFrame, key: str, is_base, metrics: Sequence[str]
+                    ) -> pd.DataFrame:
+    """Configs whose ``key`` is not a base value against the base config that shares every
+    other config key, paired by seed; differences treated − base."""
+    keys, shared = list(CONFIG_KEYS), [k for k in CONFIG_KEYS if k != key]
     configs = finals[keys].drop_duplicates()
-    monotonic = configs[configs["n_cycles"] == 1].drop(columns="n_cycles")
-    cyclical = configs[configs["n_cycles"] > 1].merge(monotonic, on=shared).sort_values(keys)
+    base = configs[is_base(configs[key])].drop(columns=key)
+    treated = configs[~is_base(configs[key])].merge(base, on=shared).sort_values(keys)
     done = _completed(finals)[[*keys, "seed", *metrics]]
-    pairs = done[done["n_cycles"] > 1].merge(done[done["n_cycles"] == 1].drop(columns="n_cycles"),
-                                             on=[*shared, "seed"], suffixes=("", "_mono"))
+    in_base = is_base(done[key])
+    pairs = done[~in_base].merge(done[in_base].drop(columns=key), on=[*shared, "seed"],
+                                 suffixes=("", "_base"))
     by_config = dict(list(pairs.groupby(keys, sort=False)))
     rows = []
-    for config in cyclical.itertuples(index=False):
+    for config in treated.itertuples(index=False):
         group = by_config.get(tuple(config), pairs.iloc[:0])
         for metric in metrics:
-            diffs = (group[metric] - group[f"{metric}_mono"]).dropna().to_numpy(float)
+            diffs = (group[metric] - group[f"{metric}_base"]).dropna().to_numpy(float)
             rows.append({**config._asdict(), "metric": metric, **_paired_row(diffs)})
     return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))

@@ -21,7 +21,14 @@ from analysis._noise import (
     Objective,
     versus_best,
 )
-from analysis._stats import CONFIG_KEYS, config_table, paired_vs_monotonic
+from analysis._stats import (
+    CONFIG_KEYS,
+    DEFAULT_LR_SCHEDULE,
+    config_table,
+    lr_schedules,
+    paired_vs_constant_lr,
+    paired_vs_monotonic,
+)
 
 REPORT_METRICS: tuple[str, ...] = ("elbo", "rec", "kl", "mi", "au")
 CLAIM_METRICS: tuple[str, ...] = ("rec", "kl", "elbo")  # the paper's claim is about these
@@ -148,6 +155,66 @@ def comparison_lines(table: pd.DataFrame, paired: pd.DataFrame,
     return lines + ([claim] if claim else [])
 
 
+def _diff_parts(rows: pd.DataFrame) -> str:
+    by_metric = {r["metric"]: r for _, r in rows.iterrows()}
+    parts = []
+    for metric in CLAIM_METRICS:
+        r = by_metric.get(metric)
+        if r is None or int(r["n_pairs"]) < 2:
+            continue
+        p = r["p_value"]
+        p_text = f" (p={p:.2g})" if math.isfinite(p) else ""
+        parts.append(f"{METRIC_NAMES.get(metric, metric)} "
+                     f"{pm(r['mean_diff'], r['ci'], signed=True)}{p_text}")
+    return ", ".join(parts) if parts else "too few seeds"
+
+
+def _at(paired: pd.DataFrame, **where: object) -> pd.DataFrame:
+    mask = np.ones(len(paired), dtype=bool)
+    for key, value in where.items():
+        mask &= (paired[key] == value).to_numpy()
+    return paired[mask]
+
+
+def _directions(rows: pd.DataFrame) -> str:
+    by_metric = {r["metric"]: r for _, r in rows.iterrows() if int(r["n_pairs"]) >= 2}
+    return ", ".join(f"{METRIC_NAMES.get(m, m)} {_direction(by_metric[m])}"
+                     for m in CLAIM_METRICS if m in by_metric) or "too few seeds"
+
+
+def lr_schedule_lines(finals: pd.DataFrame) -> list[str]:
+    """The paper's Table 4 question, when the study varies the learning-rate schedule: at the
+    R, ramp and β_max of the best-tested cyclical configuration, the effect of cyclical β alone
+    (constant η), of each non-constant η alone (M = 1) and of η with cyclical β, paired by
+    seed. Empty when the study has one learning-rate schedule."""
+    schedules = sorted(set(lr_schedules(finals)) - {DEFAULT_LR_SCHEDULE})
+    if not schedules or DEFAULT_LR_SCHEDULE not in set(lr_schedules(finals)):
+        return []
+    by_lr = paired_vs_constant_lr(finals, metrics=CLAIM_METRICS)
+    by_beta = _at(paired_vs_monotonic(finals, metrics=CLAIM_METRICS),
+                  lr_schedule=DEFAULT_LR_SCHEDULE)
+    testable = by_beta[by_beta["n_pairs"] >= 2]
+    if testable.empty:
+        return ["Learning-rate schedule (paper Table 4): too few paired seeds for a comparison."]
+    kl = testable[testable["metric"] == "kl"].sort_values("mean_diff", ascending=False)
+    top = (kl if not kl.empty else testable).iloc[0]
+    where = {"ratio": top["ratio"], "ramp": top["ramp"], "beta_max": top["beta_max"]}
+    setting = f"R={top['ratio']:g}, {top['ramp']}, β_max={top['beta_max']:g}"
+    beta_alone = _at(by_beta, n_cycles=top["n_cycles"], **where)
+    lines = [f"Learning-rate schedule (paper Table 4; {setting}, paired by seed): cyclical β "
+             f"alone (M={top['n_cycles']} vs M=1, constant η): {_diff_parts(beta_alone)}"]
+    verdicts = [f"cyclical β alone: {_directions(beta_alone)}"]
+    for lr in schedules:
+        eta_alone = _at(by_lr, n_cycles=1, lr_schedule=lr, **where)
+        with_beta = _at(by_lr, n_cycles=top["n_cycles"], lr_schedule=lr, **where)
+        lines.append(f"{lr} η − constant η, with monotonic β (M=1): {_diff_parts(eta_alone)}; "
+                     f"with cyclical β (M={top['n_cycles']}): {_diff_parts(with_beta)}")
+        verdicts.append(f"{lr} η alone: {_directions(eta_alone)}")
+    lines.append("Which schedule moves Rec and KL (95% CIs of the paired differences): "
+                 + "; ".join(verdicts) + ".")
+    return lines
+
+
 def counts_line(finals: pd.DataFrame) -> str:
     status = finals["status"].value_counts()
     text = (f"{len(finals)} trials: {status.get('completed', 0)} completed, "
@@ -169,7 +236,9 @@ def summary_lines(finals: pd.DataFrame, *, objective: Objective | None = None) -
         the best (Welch t-test, p ≥ 0.05), or that one seed cannot show noise; the comparison
         of the cyclical configuration best by the objective with its monotonic baseline (Rec,
         KL, ELBO and the objective, paired by seed, "too few seeds for a claim" below 2 pairs)
-        and whether the paper's claim holds there; the trial counts.
+        and whether the paper's claim holds there; when the study varies the learning-rate
+        schedule, the paper's Table 4 question (cyclical β alone vs cyclical η alone); the
+        trial counts.
     """
     if finals.empty:
         return ["No trials yet."]
@@ -177,4 +246,4 @@ def summary_lines(finals: pd.DataFrame, *, objective: Objective | None = None) -
     table = config_table(finals, with_objective(REPORT_METRICS, objective))
     paired = paired_vs_monotonic(finals, metrics=with_objective(CLAIM_METRICS, objective))
     return [best_line(table, objective), *comparison_lines(table, paired, objective),
-            counts_line(finals)]
+            *lr_schedule_lines(finals), counts_line(finals)]

@@ -127,3 +127,18 @@ def test_paired_leaves_out_constant_beta_configs():
     constant = frame.assign(ratio=0.0)
     result = paired_vs_monotonic(pd.concat([frame, constant], ignore_index=True))
     assert set(result["ratio"]) == {0.5}
+
+
+def test_paired_vs_constant_lr_pairs_each_beta_schedule_with_its_constant_eta_twin():
+    from analysis._stats import paired_vs_constant_lr
+
+    base = paired_study(3)
+    frame = pd.concat([base.assign(lr_schedule="constant"),
+                       base.assign(lr_schedule="cyclical_cosine",
+                                   elbo=base["elbo"] + 0.25)], ignore_index=True)
+    paired = paired_vs_constant_lr(frame, metrics=("elbo",))
+    assert sorted(paired["n_cycles"]) == [1, 4]
+    assert set(paired["lr_schedule"]) == {"cyclical_cosine"}
+    assert paired["mean_diff"].tolist() == pytest.approx([0.25, 0.25])
+    assert (paired["n_pairs"] == 3).all()
+    assert paired_vs_constant_lr(base, metrics=("elbo",)).empty  # one η schedule only

@@ -119,3 +119,49 @@ def test_summary_without_a_monotonic_baseline_says_so():
                           (0.5, 0.15, True, "+0.50 ± 0.15"), (1.23456, math.nan, False, "1.23")])
 def test_pm_shows_two_significant_digits_of_the_ci(mean, half, signed, text):
     assert pm(mean, half, signed=signed) == text
+
+
+# --- learning-rate schedule (paper Table 4) ---------------------------------------------------
+def table4_study(eta_kl: float = 0.0):
+    """{M 1, M 4} × {constant, cyclical_cosine} η × 3 seeds: cyclical β raises KL by 0.9 and
+    lowers Rec by 0.8; cyclical η shifts KL by ``eta_kl``; seed noise sd 0.01."""
+    rows = []
+    for m in (1, 4):
+        for lr in ("constant", "cyclical_cosine"):
+            for s, e in enumerate(NOISE):
+                e *= 1 + m / 4 + (0.5 if lr != "constant" else 0.0)
+                kl = (0.9 if m == 4 else 0.0) + (eta_kl if lr != "constant" else 0.0) + e
+                rec = (1.5 if m == 4 else 2.3) - e
+                rows.append((m, 0.5, s, "completed", -(rec + kl), rec, kl, lr))
+    frame = finals([r[:7] for r in rows])
+    return frame.assign(lr_schedule=[r[7] for r in rows])
+
+
+def test_a_study_without_an_lr_axis_has_no_table4_lines():
+    assert not any("Table 4" in line for line in summary_lines(study(CLEAR)))
+
+
+def test_table4_lines_separate_the_beta_effect_from_the_eta_effect():
+    lines = summary_lines(table4_study())
+    head = next(line for line in lines if "Table 4" in line)
+    assert "R=0.5, linear, β_max=1" in head and "M=4 vs M=1, constant η" in head
+    assert "KL +0.900 ± 0.019" in head and "Rec −0.800 ± 0.019" in head  # cyclical β alone
+    eta = next(line for line in lines if line.startswith("cyclical_cosine η − constant η"))
+    assert "with monotonic β (M=1): Rec" in eta and "KL +0.000 ± 0.012" in eta
+    verdict = next(line for line in lines if line.startswith("Which schedule moves"))
+    assert "cyclical β alone: Rec lower, KL higher" in verdict
+    assert "cyclical_cosine η alone: Rec no clear difference, KL no clear difference" in verdict
+
+
+def test_table4_verdict_follows_a_real_eta_effect():
+    verdict = next(line for line in summary_lines(table4_study(eta_kl=0.5))
+                   if line.startswith("Which schedule moves"))
+    assert "cyclical_cosine η alone: Rec no clear difference, KL higher" in verdict
+
+
+def test_table4_with_only_pruned_trials_says_too_few_seeds():
+    frame = table4_study()
+    frame.loc[frame["n_cycles"] == 4, "status"] = "pruned"
+    lines = [line for line in summary_lines(frame) if "Table 4" in line]
+    assert lines == ["Learning-rate schedule (paper Table 4): too few paired seeds for a "
+                     "comparison."]
