@@ -34,13 +34,17 @@ def make_pruner(
     """The Optuna pruner named by the spec (``pruning.pruner``); steps are optimizer steps."""
     if kind == "none":
         return optuna.pruners.NopPruner()
+    # A step's median (or percentile) is taken over at least n_startup_trials completed
+    # trials that reported at that step: phase-aware trials report only fixing-stage steps.
+    references = max(1, n_startup_trials)
     median = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials,
-                                         n_warmup_steps=n_warmup_steps)
+                                         n_warmup_steps=n_warmup_steps, n_min_trials=references)
     if kind == "median":
         return median
     if kind == "percentile":
         return optuna.pruners.PercentilePruner(percentile, n_startup_trials=n_startup_trials,
-                                               n_warmup_steps=n_warmup_steps)
+                                               n_warmup_steps=n_warmup_steps,
+                                               n_min_trials=references)
     if kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource_steps,
                                                       reduction_factor=reduction_factor)

@@ -13,11 +13,16 @@ conclusion (DESIGN §4):
 - all trials share T and the evaluation grid, so a report at step s compares every trial at the
   same fraction of its training;
 - schedule-aware (``phase_aware``, the default): a trial mid-ramp looks worse than one at β_max
-  for reasons unrelated to its final quality, so a trial reports its last fixing-stage value
-  (``at_beta_max``: β = β_max, or the last evaluation of a cycle that has none), carried
-  forward. A trial that has not reached a fixing stage yet (monotonic with a large R, R = 1)
-  reports nothing until ``grace_step`` (``pruning.fixing_grace_share`` of T), then its current
-  value: no schedule escapes comparison for more than that share of its run.
+  for reasons unrelated to its final quality, so a trial reports only the values it measured in
+  a fixing stage (``at_beta_max``: β = β_max, or the last evaluation of a cycle that has none),
+  at the step it measured them; mid-ramp it reports nothing and cannot be pruned. Every
+  comparison is then between values of the same step: an earlier design carried the last
+  fixing-stage value forward, and a cyclical trial mid-ramp at step s was judged by its value
+  from an earlier step against the others' values at s — on PTB, where the ELBO still climbs,
+  that pruned 7 of the 7 trials it judged (README, "Evidence"). A trial that has not reached a
+  fixing stage yet (monotonic with a large R, R = 1) reports nothing until ``grace_step``
+  (``pruning.fixing_grace_share`` of T), then its current value: no schedule escapes comparison
+  for more than that share of its run.
 
 Together with the interleaved grid order (``study._grid``: the first completed trials, which
 the median pruner uses as its reference, span M and R), no family is immune by grid order or
@@ -81,31 +86,24 @@ def _finite(value: Any) -> float | None:
     return None
 
 
-def fixing_value(result: dict[str, Any], policy: PruningPolicy) -> float | None:
-    """The result's objective value when it was measured in a fixing stage, else None."""
-    if not result.get("at_beta_max"):
-        return None
-    return _finite(result.get(policy.key))
-
-
 def pruning_value(result: dict[str, Any], *, policy: PruningPolicy,
-                  carried: float | None) -> float | None:
+                  seen_fixing: bool) -> float | None:
     """The value the pruner should see for this result, or None for "nothing to report".
 
     Args:
         result: a Tune result with ``step``, ``at_beta_max`` and ``valid/<metric>``.
         policy: see :class:`PruningPolicy`.
-        carried: the trial's last fixing-stage value (this result's own included), if any.
+        seen_fixing: whether the trial has had a fixing-stage evaluation (this one included).
     """
     step = int(result["step"])
     if step < policy.min_step:
         return None
     current = _finite(result.get(policy.key))
-    if not policy.phase_aware:
+    if not policy.phase_aware or result.get("at_beta_max"):
         return current
-    if carried is not None:
-        return carried
-    return current if step >= policy.grace_step else None
+    if not seen_fixing and step >= policy.grace_step:
+        return current  # never at β_max so far: judged as it is, after the grace
+    return None
 
 
 class OptunaPruningScheduler(FIFOScheduler):
@@ -120,18 +118,20 @@ class OptunaPruningScheduler(FIFOScheduler):
         super().__init__()
         self.mirror = mirror
         self.policy = policy or PruningPolicy()
-        self._carried: dict[str, float] = {}
+        self._fixed: set[str] = set()  # trials that have had a fixing-stage evaluation
         self._twinned: set[str] = set()  # pruner "none": twins made, nothing else to do
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_carried"] = {}  # rebuilt from the twins' intermediate values after restore
+        state["_fixed"] = set()  # rebuilt from the twins' intermediate values after restore
         state["_twinned"] = set()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A scheduler pickled by an older klstudy (in a study's tuner.pkl) lacks newer fields.
-        self.__dict__.update({"_carried": {}, "_twinned": set(), **state})
+        # A scheduler pickled by an older klstudy (in a study's tuner.pkl) lacks newer fields
+        # and may hold ones this version no longer uses.
+        state = {k: v for k, v in state.items() if k != "_carried"}
+        self.__dict__.update({"_fixed": set(), "_twinned": set(), **state})
 
     @property
     def _never_prunes(self) -> bool:
@@ -159,12 +159,11 @@ class OptunaPruningScheduler(FIFOScheduler):
             return TrialScheduler.STOP  # pruned before a restart: stay pruned
         if twin.state.is_finished() or result.get("final"):
             return TrialScheduler.CONTINUE
-        if trial_id not in self._carried and twin.intermediate_values:
-            self._carried[trial_id] = twin.intermediate_values[max(twin.intermediate_values)]
-        fixed = fixing_value(result, self.policy)
-        if fixed is not None:
-            self._carried[trial_id] = fixed
-        value = pruning_value(result, policy=self.policy, carried=self._carried.get(trial_id))
+        if trial_id not in self._fixed and self._reported_a_fixing_value(twin):
+            self._fixed.add(trial_id)  # after a restore
+        if result.get("at_beta_max"):
+            self._fixed.add(trial_id)
+        value = pruning_value(result, policy=self.policy, seen_fixing=trial_id in self._fixed)
         if value is None:
             return TrialScheduler.CONTINUE
         if self.mirror.report(twin, value, int(result["step"])):
@@ -182,7 +181,13 @@ class OptunaPruningScheduler(FIFOScheduler):
                                else TrialState.FAIL, value=value)
         else:
             self.mirror.finish(trial_id, TrialState.FAIL)
-        self._carried.pop(trial_id, None)
+        self._fixed.discard(trial_id)
+
+    def _reported_a_fixing_value(self, twin: Any) -> bool:
+        """After a restore: whether the twin's intermediate values may include a fixing-stage
+        one. Any reported value counts, so a restored trial in its grace (R = 1) is no longer
+        judged mid-ramp: pruning less is the safe side."""
+        return bool(twin.intermediate_values)
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         self.mirror.finish(trial.config["trial"]["trial_id"], TrialState.FAIL)

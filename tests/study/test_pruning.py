@@ -54,41 +54,48 @@ def complete(sched: OptunaPruningScheduler, trial: FakeTrial, values: list[float
 
 
 def test_pruning_value_plain_reports_every_value() -> None:
-    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=PLAIN, carried=None) == -3.0
+    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=PLAIN, seen_fixing=False) == -3.0
 
 
 def test_pruning_value_phase_aware_waits_for_beta_max() -> None:
-    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=AWARE, carried=None) is None
+    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=AWARE, seen_fixing=False) is None
 
 
-def test_pruning_value_phase_aware_reports_the_carried_fixing_value() -> None:
-    assert pruning_value(result(5, -9.0, at_beta_max=False), policy=AWARE, carried=-2.0) == -2.0
+def test_pruning_value_phase_aware_reports_fixing_values_only_at_their_own_step() -> None:
+    assert pruning_value(result(5, -2.0), policy=AWARE, seen_fixing=True) == -2.0
+    # mid-ramp after a fixing stage: nothing (an earlier value carried to this step would be
+    # compared with the other trials' values of this step, a bias against cyclical schedules)
+    assert pruning_value(result(6, -9.0, at_beta_max=False), policy=AWARE, seen_fixing=True) \
+        is None
+    late = PruningPolicy(phase_aware=True, grace_step=5)
+    assert pruning_value(result(6, -9.0, at_beta_max=False), policy=late, seen_fixing=True) \
+        is None
 
 
 @pytest.mark.parametrize("policy", [PLAIN, AWARE])
 def test_pruning_value_is_none_before_the_minimum_share(policy: PruningPolicy) -> None:
     early = PruningPolicy(phase_aware=policy.phase_aware, min_step=50)
-    assert pruning_value(result(40, -1.0), policy=early, carried=-1.0) is None
-    assert pruning_value(result(50, -1.0), policy=early, carried=-1.0) == -1.0
+    assert pruning_value(result(40, -1.0), policy=early, seen_fixing=True) is None
+    assert pruning_value(result(50, -1.0), policy=early, seen_fixing=True) == -1.0
 
 
 def test_a_trial_still_ramping_is_compared_with_its_current_value_after_the_grace() -> None:
     """Monotonic with a large R (or R = 1) must not escape comparison for most of its run."""
     policy = PruningPolicy(phase_aware=True, min_step=25, grace_step=50)
     ramping = {s: result(s, -7.0, at_beta_max=False) for s in (30, 50, 90)}
-    assert pruning_value(ramping[30], policy=policy, carried=None) is None
-    assert pruning_value(ramping[50], policy=policy, carried=None) == -7.0
-    assert pruning_value(ramping[90], policy=policy, carried=None) == -7.0
+    assert pruning_value(ramping[30], policy=policy, seen_fixing=False) is None
+    assert pruning_value(ramping[50], policy=policy, seen_fixing=False) == -7.0
+    assert pruning_value(ramping[90], policy=policy, seen_fixing=False) == -7.0
 
 
 def test_pruning_value_reads_the_policy_metric() -> None:
     policy = PruningPolicy(metric="rec", mode="min", phase_aware=False)
     assert pruning_value({"step": 5, "valid/rec": 2.5, "valid/elbo": -9.0}, policy=policy,
-                         carried=None) == 2.5
+                         seen_fixing=False) == 2.5
 
 
 def test_non_finite_values_are_never_reported() -> None:
-    assert pruning_value(result(5, float("nan")), policy=PLAIN, carried=None) is None
+    assert pruning_value(result(5, float("nan")), policy=PLAIN, seen_fixing=False) is None
 
 
 @pytest.mark.parametrize("kind", ["none", "median", "percentile", "successive_halving", "hyperband",
@@ -126,16 +133,37 @@ def test_phase_aware_never_prunes_before_beta_max_within_the_grace(tmp_path) -> 
     assert m.find("c").intermediate_values == {}
 
 
-def test_phase_aware_uses_carried_fixing_value(tmp_path) -> None:
+def test_phase_aware_compares_values_of_the_same_step_only(tmp_path) -> None:
+    """The PTB failure of the carried-forward design: a cyclical trial, good at its fixing
+    step 10, mid-ramp at step 20 while the references climbed; it is not judged at 20 by its
+    step-10 value (it would be pruned: -2.9 < median -2.05), and at 30 it is judged fairly."""
     m = mirror(tmp_path, n_startup_trials=2)
     sched = scheduler(m, phase_aware=True)
     complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
     complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
     trial = fake_trial("c")
-    assert sched.on_trial_result(None, trial, result(10, -1.5)) == TrialScheduler.CONTINUE
-    # mid-ramp dip: the pruner sees the carried -1.5 at step 20, better than the median -2.05
-    assert sched.on_trial_result(None, trial, result(20, -60.0, at_beta_max=False)) == TrialScheduler.CONTINUE
-    assert m.find("c").intermediate_values == {10: -1.5, 20: -1.5}
+    assert sched.on_trial_result(None, trial, result(10, -2.9)) == TrialScheduler.CONTINUE
+    ramping = result(20, -60.0, at_beta_max=False)
+    assert sched.on_trial_result(None, trial, ramping) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trial, result(30, -1.0)) == TrialScheduler.CONTINUE
+    assert m.find("c").intermediate_values == {10: -2.9, 30: -1.0}
+    poor = fake_trial("d")  # the same rule still prunes a trial worse at its own step
+    assert sched.on_trial_result(None, poor, result(10, -3.5)) == TrialScheduler.STOP
+
+
+def test_a_step_with_too_few_references_decides_nothing(tmp_path) -> None:
+    """Only one completed trial was at β_max at step 20: no median of one is used."""
+    m = mirror(tmp_path, n_startup_trials=2)
+    sched = scheduler(m, phase_aware=True)
+    a, b = fake_trial("a"), fake_trial("b")
+    for trial, at_20 in ((a, True), (b, False)):
+        for step, value in ((10, -3.0), (20, -2.0), (30, -1.0)):
+            sched.on_trial_result(None, trial, result(step, value, at_beta_max=step != 20
+                                                      or at_20, final=step == 30))
+        sched.on_trial_complete(None, trial, result(30, -1.0, final=True))
+    poor = fake_trial("c")
+    sched.on_trial_result(None, poor, result(10, -2.9))
+    assert sched.on_trial_result(None, poor, result(20, -50.0)) == TrialScheduler.CONTINUE
 
 
 def test_plain_mode_prunes_a_trial_that_is_still_ramping(tmp_path) -> None:
@@ -192,17 +220,20 @@ def test_error_marks_twin_failed(tmp_path) -> None:
     assert m.state_of("a") == TrialState.FAIL
 
 
-def test_carried_value_comes_from_fixing_stages_before_the_minimum_share(tmp_path) -> None:
-    """A cyclical trial at β_max before min_step, mid-ramp at min_step, reports that value."""
+def test_a_trial_at_beta_max_before_the_minimum_share_is_not_judged_mid_ramp_later(tmp_path):
+    """A cyclical trial at β_max before min_step, mid-ramp at and after min_step and the
+    grace: nothing is reported until its next fixing stage."""
     m = mirror(tmp_path, n_startup_trials=2)
-    sched = scheduler(m, phase_aware=True, min_step=20)
+    sched = scheduler(m, phase_aware=True, min_step=20, grace_step=20)
     complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
     complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
     trial = fake_trial("c")
     assert sched.on_trial_result(None, trial, result(10, -1.5)) == TrialScheduler.CONTINUE
     assert m.find("c").intermediate_values == {}  # before min_step: nothing reported
     sched.on_trial_result(None, trial, result(20, -60.0, at_beta_max=False))
-    assert m.find("c").intermediate_values == {20: -1.5}
+    assert m.find("c").intermediate_values == {}
+    sched.on_trial_result(None, trial, result(30, -1.05))
+    assert m.find("c").intermediate_values == {30: -1.05}
 
 
 def test_minimize_objective_prunes_the_high_values(tmp_path) -> None:
@@ -298,7 +329,8 @@ def test_a_scheduler_pickled_by_an_older_klstudy_still_works(tmp_path) -> None:
     """tuner.pkl of a study started before ``_twinned`` existed: resume must not crash."""
     m = mirror(tmp_path, "none")
     state = scheduler(m, phase_aware=False).__getstate__()
-    del state["_twinned"], state["_carried"]  # what an older version's tuner.pkl holds
+    del state["_twinned"], state["_fixed"]  # what an older version's tuner.pkl holds
+    state["_carried"] = {"a": -2.0}  # a field of the carried-forward design
     restored = OptunaPruningScheduler.__new__(OptunaPruningScheduler)
     restored.__setstate__(state)  # what unpickling does
     trial = fake_trial("a")
