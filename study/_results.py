@@ -101,8 +101,26 @@ class StudyRecorder(Callback):
             for row in pq.read_table(trials_file).to_pylist():
                 self.trials[row["trial_id"]] = {**self.trials.get(row["trial_id"], {}), **row}
         self._written = written_steps(self.study_dir.root / "evaluations")
+        self._final_value.update(self._finals_on_disk())
+
+    def _finals_on_disk(self) -> dict[str, float]:
+        """{trial id: final validation objective} of the trials recorded before a restore."""
+        metric, out = self.objective[0], {}
+        columns = ["trial_id", "split", "final", metric]
+        for table in read_parts(self.study_dir.root / "evaluations", columns):
+            for tid, split, final, value in zip(*(table[c].to_pylist() for c in columns),
+                                                strict=True):
+                if final and split == "valid" and value is not None:
+                    out[tid] = float(value)
+        return out
 
     # --- Tune hooks -----------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Running from its start (the first result of a PTB trial comes ~40 s later)."""
+        row = self._trial_row(TrialConfig.from_dict(trial.config["trial"]))
+        if row["status"] == "pending":
+            row["status"] = "running"
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         config = TrialConfig.from_dict(trial.config["trial"])

@@ -54,11 +54,13 @@ def complete(sched: OptunaPruningScheduler, trial: FakeTrial, values: list[float
 
 
 def test_pruning_value_plain_reports_every_value() -> None:
-    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=PLAIN, seen_fixing=False) == -3.0
+    ramping = result(5, -3.0, at_beta_max=False)
+    assert pruning_value(ramping, policy=PLAIN, seen_fixing=False) == -3.0
 
 
 def test_pruning_value_phase_aware_waits_for_beta_max() -> None:
-    assert pruning_value(result(5, -3.0, at_beta_max=False), policy=AWARE, seen_fixing=False) is None
+    ramping = result(5, -3.0, at_beta_max=False)
+    assert pruning_value(ramping, policy=AWARE, seen_fixing=False) is None
 
 
 def test_pruning_value_phase_aware_reports_fixing_values_only_at_their_own_step() -> None:

@@ -1,0 +1,56 @@
+"""study._results.StudyRecorder: trial statuses and the progress line (Tune faked)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from study._results import StudyRecorder
+from study._store import StudyDir
+from workers import TrialConfig
+
+CONFIGS = [TrialConfig(trial_id=f"t{i}", n_cycles=m, ratio=0.5, seed=0)
+           for i, m in enumerate((1, 4))]
+
+
+class Mirror:
+    def state_of(self, trial_id: str):
+        return None
+
+
+def recorder(root) -> StudyRecorder:
+    rec = StudyRecorder(StudyDir(root), study_name="s", configs=CONFIGS, mirror=Mirror(),
+                        tracking_uri=None, objective=("elbo", "max"))
+    rec.setup()
+    return rec
+
+
+def trial(config: TrialConfig, last: dict | None = None):
+    return SimpleNamespace(config={"trial": config.to_dict()}, last_result=last or {})
+
+
+def result(step: int, elbo: float, *, final: bool = False) -> dict:
+    return {"step": step, "final": final, "at_beta_max": True, "train/beta": 1.0,
+            "train/lr": 1e-3, "train/loss": 2.0, "valid/elbo": elbo, "valid/rec": -elbo,
+            "valid/kl": 0.0}
+
+
+def test_a_started_trial_counts_as_running_before_its_first_result(tmp_path):
+    rec = recorder(tmp_path)
+    rec.on_trial_start(0, [], trial(CONFIGS[0]))
+    assert rec.counts()["running"] == 1 and rec.counts()["pending"] == 1
+    assert "0 done, 0 pruned, 1 running, 0 failed, 1 pending" in rec.progress_line()
+
+
+def test_a_restored_recorder_shows_the_best_trial_recorded_before(tmp_path):
+    first = recorder(tmp_path)
+    done = trial(CONFIGS[1], last=result(10, -2.5, final=True))
+    first.on_trial_start(0, [], done)
+    first.on_trial_result(0, [], done, result(5, -3.0))
+    first.on_trial_result(0, [], done, result(10, -2.5, final=True))
+    first.on_trial_complete(0, [], done)
+    assert "best valid elbo -2.5000 (t1)" in first.progress_line()
+    again = recorder(tmp_path)  # a resumed driver
+    assert "1 done" in again.progress_line()
+    assert "best valid elbo -2.5000 (t1)" in again.progress_line()
+    again.on_trial_start(0, [], done)  # Tune re-adds finished trials on restore
+    assert again.counts()["completed"] == 1
