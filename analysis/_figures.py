@@ -99,9 +99,11 @@ def curves_figure(evaluations: pd.DataFrame, specs: Sequence[CurveSpec], *,
     """ELBO, Rec, KL (``split``) and β against the optimizer step (paper Fig. 3/5).
 
     One line per spec, the mean over its seeds at each evaluation step, with a band from the
-    lowest to the highest seed; β is drawn from the schedule itself. Dotted vertical lines in
-    a spec's colour mark its cycle boundaries (multiples of ⌈T/M⌉; none for R = 0, whose β is
-    constant whatever M).
+    lowest to the highest seed; the final evaluation (the whole split, where the intermediate
+    ones use a fixed subset) is a separate hollow diamond with the seeds' range, since its
+    level is not comparable with the line's. β is drawn from the schedule itself. Dotted
+    vertical lines in a spec's colour mark its cycle boundaries (multiples of ⌈T/M⌉; none for
+    R = 0, whose β is constant whatever M).
     """
     fig = Figure(figsize=(11, 6.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True).ravel()
@@ -112,11 +114,17 @@ def curves_figure(evaluations: pd.DataFrame, specs: Sequence[CurveSpec], *,
         own = config_rows(rows, spec)
         if own.empty:
             continue
-        stats = own.groupby("step")[["elbo", "rec", "kl"]].agg(["mean", "min", "max"])
+        final = (own["final"] == True) if "final" in own.columns else own["step"] < 0  # noqa: E712
+        stats = own[~final].groupby("step")[["elbo", "rec", "kl"]].agg(["mean", "min", "max"])
+        ends = own[final].groupby("step")[["elbo", "rec", "kl"]].agg(["mean", "min", "max"])
         for ax, (metric, _) in zip(axes[:3], panels[:3], strict=True):
             ax.plot(stats.index, stats[(metric, "mean")], color=colour, lw=1.5, label=spec.label)
             ax.fill_between(stats.index, stats[(metric, "min")], stats[(metric, "max")],
                             color=colour, alpha=0.2, lw=0)
+            mean = ends[(metric, "mean")]  # another evaluation set: a marker, not the line
+            ax.errorbar(ends.index, mean, yerr=[mean - ends[(metric, "min")],
+                                                ends[(metric, "max")] - mean],
+                        color=colour, marker="D", mfc="white", ms=6, ls="none", capsize=3)
         total_steps = int(own["total_steps"].mode().iloc[0])
         steps = np.unique(np.linspace(1, total_steps, min(total_steps, 2000)).astype(int))
         betas = [beta_at(int(t), total_steps=total_steps, n_cycles=spec.n_cycles,

@@ -225,7 +225,10 @@ def _curves_section(data: StudyData, table: pd.DataFrame, objective: Objective,
         section.parts.append(note("No configuration with a final value yet."))
         return section
     caption = ("Validation ELBO, Rec, KL and β against the optimizer step: mean over seeds, band "
-               "= lowest to highest seed; dotted lines = cycle boundaries. Lines (the best of "
+               "= lowest to highest seed; dotted lines = cycle boundaries; hollow diamonds = "
+               "the final evaluation, on the whole validation set (the intermediate ones use a "
+               "fixed-seed subset of 250 sentences where it is larger, so the two levels are "
+               "not comparable). Lines (the best of "
                f"each family by {objective.label}): " + "; ".join(s.label for s in specs))
     section.parts.append(_figure(pngs, "curves.png",
                                  lambda: figs.curves_figure(data.evaluations, specs), caption))

@@ -210,7 +210,7 @@ def lr_schedule_lines(finals: pd.DataFrame) -> list[str]:
         lines.append(f"{lr} η − constant η, with monotonic β (M=1): {_diff_parts(eta_alone)}; "
                      f"with cyclical β (M={top['n_cycles']}): {_diff_parts(with_beta)}")
         verdicts.append(f"{lr} η alone: {_directions(eta_alone)}")
-    lines.append("Which schedule moves Rec and KL (95% CIs of the paired differences): "
+    lines.append("Which schedule moves Rec, KL and ELBO (95% CIs of the paired differences): "
                  + "; ".join(verdicts) + ".")
     return lines
 

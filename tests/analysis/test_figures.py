@@ -148,7 +148,8 @@ def evaluations(configs, *, total=400, n_seeds=2, every=50) -> pd.DataFrame:
                 "trial_id": f"M{m}-R{r}-s{seed}", "model": "toy", "data": "toy", "n_cycles": m,
                 "ratio": r, "ramp": "linear", "beta_max": 1.0, "seed": seed,
                 "total_steps": total, "step": step, "split": "valid", "status": "completed",
-                "elbo": -3 + step / total + 0.1 * seed, "rec": 2.0, "kl": 0.5}
+                "final": step == total, "elbo": -3 + step / total + 0.1 * seed, "rec": 2.0,
+                "kl": 0.5}
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -160,8 +161,12 @@ def test_curves_draw_one_mean_line_per_config_and_its_cycle_boundaries():
     mean_lines = [ln for ln in elbo_ax.lines if ln.get_linestyle() == "-"]
     boundaries = [ln.get_xdata()[0] for ln in elbo_ax.lines if ln.get_linestyle() == ":"]
     assert [ln.get_label() for ln in mean_lines] == ["cyc", "mono"]
-    assert np.allclose(mean_lines[0].get_ydata(), -3 + np.arange(50, 401, 50) / 400 + 0.05)
+    assert np.allclose(mean_lines[0].get_ydata(), -3 + np.arange(50, 351, 50) / 400 + 0.05)
     assert boundaries == [100, 200, 300]
+    # the final evaluation (another evaluation set) is a marker of its own, not on the line
+    finals = [ln for ln in elbo_ax.lines if ln.get_marker() == "D"]
+    assert [list(ln.get_xdata()) for ln in finals] == [[400], [400]]
+    assert np.allclose(finals[0].get_ydata(), [-2 + 0.05])
 
 
 def test_curves_beta_panel_follows_the_schedule():

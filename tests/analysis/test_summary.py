@@ -148,14 +148,14 @@ def test_table4_lines_separate_the_beta_effect_from_the_eta_effect():
     assert "KL +0.900 ± 0.019" in head and "Rec −0.800 ± 0.019" in head  # cyclical β alone
     eta = next(line for line in lines if line.startswith("cyclical_cosine η − constant η"))
     assert "with monotonic β (M=1): Rec" in eta and "KL +0.000 ± 0.012" in eta
-    verdict = next(line for line in lines if line.startswith("Which schedule moves"))
+    verdict = next(line for line in lines if line.startswith("Which schedule moves Rec, KL"))
     assert "cyclical β alone: Rec lower, KL higher" in verdict
     assert "cyclical_cosine η alone: Rec no clear difference, KL no clear difference" in verdict
 
 
 def test_table4_verdict_follows_a_real_eta_effect():
     verdict = next(line for line in summary_lines(table4_study(eta_kl=0.5))
-                   if line.startswith("Which schedule moves"))
+                   if line.startswith("Which schedule moves Rec, KL"))
     assert "cyclical_cosine η alone: Rec no clear difference, KL higher" in verdict
 
 
