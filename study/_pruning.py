@@ -118,12 +118,12 @@ class OptunaPruningScheduler(FIFOScheduler):
         super().__init__()
         self.mirror = mirror
         self.policy = policy or PruningPolicy()
-        self._fixed: set[str] = set()  # trials that have had a fixing-stage evaluation
+        self._fixed: dict[str, bool] = {}  # trial id: has it had a fixing-stage evaluation
         self._twinned: set[str] = set()  # pruner "none": twins made, nothing else to do
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_fixed"] = set()  # rebuilt from the twins' intermediate values after restore
+        state["_fixed"] = {}  # rebuilt from the twins' intermediate values after restore
         state["_twinned"] = set()
         return state
 
@@ -131,7 +131,7 @@ class OptunaPruningScheduler(FIFOScheduler):
         # A scheduler pickled by an older klstudy (in a study's tuner.pkl) lacks newer fields
         # and may hold ones this version no longer uses.
         state = {k: v for k, v in state.items() if k != "_carried"}
-        self.__dict__.update({"_fixed": set(), "_twinned": set(), **state})
+        self.__dict__.update({"_fixed": {}, "_twinned": set(), **state})
 
     @property
     def _never_prunes(self) -> bool:
@@ -159,11 +159,13 @@ class OptunaPruningScheduler(FIFOScheduler):
             return TrialScheduler.STOP  # pruned before a restart: stay pruned
         if twin.state.is_finished() or result.get("final"):
             return TrialScheduler.CONTINUE
-        if trial_id not in self._fixed and self._reported_a_fixing_value(twin):
-            self._fixed.add(trial_id)  # after a restore
+        if trial_id not in self._fixed:  # first sight here; after a restore any reported
+            # value counts as a fixing one, so a trial in its grace (R = 1) is no longer judged
+            # mid-ramp: pruning less is the safe side
+            self._fixed[trial_id] = bool(twin.intermediate_values)
         if result.get("at_beta_max"):
-            self._fixed.add(trial_id)
-        value = pruning_value(result, policy=self.policy, seen_fixing=trial_id in self._fixed)
+            self._fixed[trial_id] = True
+        value = pruning_value(result, policy=self.policy, seen_fixing=self._fixed[trial_id])
         if value is None:
             return TrialScheduler.CONTINUE
         if self.mirror.report(twin, value, int(result["step"])):
@@ -181,13 +183,7 @@ class OptunaPruningScheduler(FIFOScheduler):
                                else TrialState.FAIL, value=value)
         else:
             self.mirror.finish(trial_id, TrialState.FAIL)
-        self._fixed.discard(trial_id)
-
-    def _reported_a_fixing_value(self, twin: Any) -> bool:
-        """After a restore: whether the twin's intermediate values may include a fixing-stage
-        one. Any reported value counts, so a restored trial in its grace (R = 1) is no longer
-        judged mid-ramp: pruning less is the safe side."""
-        return bool(twin.intermediate_values)
+        self._fixed.pop(trial_id, None)
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
         self.mirror.finish(trial.config["trial"]["trial_id"], TrialState.FAIL)

@@ -168,6 +168,19 @@ def test_a_step_with_too_few_references_decides_nothing(tmp_path) -> None:
     assert sched.on_trial_result(None, poor, result(20, -50.0)) == TrialScheduler.CONTINUE
 
 
+def test_a_trial_never_at_beta_max_is_judged_at_every_step_after_the_grace(tmp_path) -> None:
+    m = mirror(tmp_path, n_startup_trials=2)
+    sched = scheduler(m, phase_aware=True, grace_step=20)
+    complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
+    complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
+    ramping = fake_trial("c")
+    assert sched.on_trial_result(None, ramping, result(20, -1.9, at_beta_max=False)) \
+        == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, ramping, result(30, -1.05, at_beta_max=False)) \
+        == TrialScheduler.CONTINUE
+    assert m.find("c").intermediate_values == {20: -1.9, 30: -1.05}
+
+
 def test_plain_mode_prunes_a_trial_that_is_still_ramping(tmp_path) -> None:
     m = mirror(tmp_path, n_startup_trials=2)
     sched = scheduler(m, phase_aware=False)
