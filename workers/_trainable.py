@@ -251,12 +251,21 @@ def _train(config: TrialConfig, report: _Reporter, ckpt_dir: Path,
                 corpus=corpus, checkpoint_every_s=_CHECKPOINT_EVERY_S)
 
 
-def _read_final(path: Path) -> dict[str, Any] | None:
+def _final_of(text: str) -> dict[str, Any] | None:
+    """A ``final_result.json``'s result, or None when it is half copied (its copier was
+    killed) or not a final result: then the trial trains on."""
     try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):  # half copied when its copier was killed: train instead
+        result = json.loads(text)
+    except ValueError:
         return None
     return result if isinstance(result, dict) and result.get("final") else None
+
+
+def _read_final(path: Path) -> dict[str, Any] | None:
+    try:
+        return _final_of(path.read_text())
+    except OSError:
+        return None
 
 
 def stored_final_result(tune: Any) -> dict[str, Any] | None:
@@ -279,12 +288,8 @@ def stored_final_result(tune: Any) -> dict[str, Any] | None:
             if fs.get_file_info(path).type != pafs.FileType.File:
                 continue
             with fs.open_input_stream(path) as stream:
-                text = stream.read().decode(errors="replace")
-            try:
-                result = json.loads(text)
-            except ValueError:  # half copied when its copier was killed
-                continue
-            if isinstance(result, dict) and result.get("final"):
+                result = _final_of(stream.read().decode(errors="replace"))
+            if result is not None:
                 return result
     except Exception as exc:  # noqa: BLE001 - a lookup that fails means: train as before
         log.warning("could not look for a final checkpoint in the trial's storage: %s", exc)
