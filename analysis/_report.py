@@ -26,8 +26,15 @@ from analysis._load import StudyData, best_rows, final_rows, load_study
 from analysis._mlflow_load import open_client
 from analysis._noise import Objective, objective_of
 from analysis._rd import rate_distortion_figure
-from analysis._stats import config_table, paired_vs_monotonic
-from analysis._summary import CLAIM_METRICS, REPORT_METRICS, summary_lines, with_objective
+from analysis._stats import config_table, paired_vs_monotonic, paired_vs_monotonic_pooled
+from analysis._summary import (
+    CLAIM_METRICS,
+    POOLED_AXES,
+    REPORT_METRICS,
+    pooled_axes,
+    summary_lines,
+    with_objective,
+)
 from analysis._tables import config_view, paired_view
 
 log = logging.getLogger(__name__)
@@ -126,6 +133,7 @@ def _sections(data: StudyData, objective: Objective, pngs: list[_Png]) -> list[S
                 [_config_note(objective), html_table(config_view(table, objective, metrics))]),
         Section("paired", "Cyclical vs monotonic (paired over seeds)",
                 [_PAIRED_NOTE, html_table(paired_view(paired, paired_metrics))]),
+        *_pooled_sections(finals, paired_metrics),
         _pruning_section(data, pngs),
     ]
 
@@ -272,6 +280,23 @@ _PAIRED_NOTE = ("<p>Each cyclical configuration (M &gt; 1) against the monotonic
                 "Rec, higher ELBO are better; higher KL means more use of the latent code. "
                 "The paper's claim for cyclical annealing: similar ELBO, lower Rec, higher "
                 "KL.</p>")
+
+
+def _pooled_sections(finals: pd.DataFrame, metrics: Sequence[str]) -> list[Section]:
+    """Cyclical vs monotonic per (M, R), pooled over ramps, β_max and lr schedules; only when
+    the study has more than one of them (otherwise the table above says it all)."""
+    axes = pooled_axes(finals)
+    if not axes:
+        return []
+    over = " and ".join(POOLED_AXES[a] for a in axes)
+    pooled = paired_vs_monotonic_pooled(finals, metrics=metrics)
+    return [Section("pooled", f"Cyclical vs monotonic at each M and R, pooled over {over}", [
+        f"<p>Each pair: one seed of one configuration at M &gt; 1 and R against the same seed, "
+        f"{esc(over)} at M = 1 and the same R (completed trials only); mean difference "
+        "cyclical − monotonic ± its 95% CI and the paired t-test p over all pairs of the "
+        "cell. It answers “does larger M help at this R?” with every ramp's seeds behind it; "
+        "the table above has the same comparison per configuration.</p>",
+        html_table(paired_view(pooled, metrics))])]
 
 
 def _pruning_section(data: StudyData, pngs: list[_Png]) -> Section:

@@ -19,6 +19,7 @@ CONFIG_KEYS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max", "lr_sch
 DEFAULT_LR_SCHEDULE = "constant"  # what a frame without an lr_schedule column ran
 PAIRED_COLUMNS: tuple[str, ...] = (*CONFIG_KEYS, "metric", "n_pairs", "mean_diff", "ci", "ci_low",
                                    "ci_high", "p_value", "p_wilcoxon", "note")
+POOLED_COLUMNS: tuple[str, ...] = ("n_cycles", "ratio", *PAIRED_COLUMNS[len(CONFIG_KEYS):])
 MIN_WILCOXON_PAIRS = 6
 TOO_FEW_SEEDS = "too few seeds"
 
@@ -149,23 +150,45 @@ def paired_vs_constant_lr(finals: pd.DataFrame,
                            metrics)
 
 
-def _paired_against(finals: pd.DataFrame, key: str, is_base, metrics: Sequence[str]
-                    ) -> pd.DataFrame:
+def paired_vs_monotonic_pooled(finals: pd.DataFrame,
+                               metrics: Sequence[str] = ("rec", "kl", "elbo")) -> pd.DataFrame:
+    """Each (M > 1, R) against monotonic (M = 1) at the same R, pooled over the other axes.
+
+    A pair is one seed of one (ramp, β_max, lr schedule) at M and R, against the same seed,
+    ramp, β_max and lr schedule at M = 1 and R: the question "does larger M help at this R?"
+    with every ramp's seeds behind it, where :func:`paired_vs_monotonic` answers it per ramp.
+
+    Returns:
+        One row per (n_cycles, ratio, metric) with ``n_pairs`` and the paired statistics of
+        :data:`POOLED_COLUMNS` (no ramp, β_max or lr columns); empty like
+        :func:`paired_vs_monotonic`.
+    """
+    finals = with_lr_schedule(finals[finals["ratio"] > 0])
+    return _paired_against(finals, "n_cycles", lambda col: col == 1, metrics,
+                           group_keys=("n_cycles", "ratio"))
+
+
+def _paired_against(finals: pd.DataFrame, key: str, is_base, metrics: Sequence[str], *,
+                    group_keys: Sequence[str] = CONFIG_KEYS) -> pd.DataFrame:
     """Configs whose ``key`` is not a base value against the base config that shares every
-    other config key, paired by seed; differences treated − base."""
+    other config key, paired by seed; differences treated − base, one row per ``group_keys``
+    value (the full config by default; fewer keys pool the pairs of the configs they join)."""
     keys, shared = list(CONFIG_KEYS), [k for k in CONFIG_KEYS if k != key]
+    groups = list(group_keys)
     configs = finals[keys].drop_duplicates()
     base = configs[is_base(configs[key])].drop(columns=key)
-    treated = configs[~is_base(configs[key])].merge(base, on=shared).sort_values(keys)
+    treated = (configs[~is_base(configs[key])].merge(base, on=shared)[groups]
+               .drop_duplicates().sort_values(groups))
     done = _completed(finals)[[*keys, "seed", *metrics]]
     in_base = is_base(done[key])
     pairs = done[~in_base].merge(done[in_base].drop(columns=key), on=[*shared, "seed"],
                                  suffixes=("", "_base"))
-    by_config = dict(list(pairs.groupby(keys, sort=False)))
+    by_group = dict(list(pairs.groupby(groups, sort=False)))
     rows = []
     for config in treated.itertuples(index=False):
-        group = by_config.get(tuple(config), pairs.iloc[:0])
+        group = by_group.get(tuple(config), pairs.iloc[:0])
         for metric in metrics:
             diffs = (group[metric] - group[f"{metric}_base"]).dropna().to_numpy(float)
             rows.append({**config._asdict(), "metric": metric, **_paired_row(diffs)})
-    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+    columns = [*groups, *PAIRED_COLUMNS[len(CONFIG_KEYS):]]
+    return pd.DataFrame(rows, columns=columns)

@@ -28,6 +28,7 @@ from analysis._stats import (
     lr_schedules,
     paired_vs_constant_lr,
     paired_vs_monotonic,
+    paired_vs_monotonic_pooled,
 )
 
 REPORT_METRICS: tuple[str, ...] = ("elbo", "rec", "kl", "mi", "au")
@@ -215,6 +216,58 @@ def lr_schedule_lines(finals: pd.DataFrame) -> list[str]:
     return lines
 
 
+POOLED_AXES: dict[str, str] = {"ramp": "ramps", "beta_max": "β_max", "lr_schedule": "lr schedules"}
+_POOLED_AXIS: dict[str, str] = {"ramp": "ramp", "beta_max": "β_max", "lr_schedule": "lr schedule"}
+
+
+def pooled_axes(finals: pd.DataFrame) -> list[str]:
+    """The config axes besides M and R that take more than one value among the β schedules
+    (R > 0): what :func:`analysis._stats.paired_vs_monotonic_pooled` pools over."""
+    scheduled = finals[finals["ratio"] > 0].assign(lr_schedule=lambda f: lr_schedules(f))
+    return [k for k in POOLED_AXES if scheduled[k].nunique() > 1]
+
+
+def _count_text(directions: list[str], good: str, bad: str) -> str:
+    return (f"{good} in {directions.count(good)}"
+            + (f" ({bad} in {directions.count(bad)})" if directions.count(bad) else ""))
+
+
+def pooled_lines(finals: pd.DataFrame) -> list[str]:
+    """Cyclical vs monotonic at each (M, R), pooled over the other axes when the study has more
+    than one ramp, β_max or lr schedule: in how many (M, R) cells Rec is lower, KL higher and
+    ELBO lower by the 95% CIs of the pooled paired differences, and at each R the M with the
+    largest KL gain. Empty when nothing is pooled."""
+    axes = pooled_axes(finals)
+    if not axes:
+        return []
+    over = " and ".join(POOLED_AXES[a] for a in axes)
+    same = ", ".join(_POOLED_AXIS[a] for a in axes)
+    pooled = paired_vs_monotonic_pooled(finals, metrics=CLAIM_METRICS)
+    testable = pooled[pooled["n_pairs"] >= 2]
+    if testable.empty:
+        return [f"Cyclical vs monotonic pooled over {over}: too few paired seeds."]
+    by_metric = {m: testable[testable["metric"] == m] for m in CLAIM_METRICS}
+    directions = {m: [_direction(r) for _, r in rows.iterrows()] for m, rows in by_metric.items()}
+    n_cells, pairs = len(by_metric["kl"]), testable["n_pairs"]
+    span = f"{pairs.min()}" if pairs.min() == pairs.max() else f"{pairs.min()}–{pairs.max()}"
+    lines = [f"Cyclical vs monotonic at each M and R, pooled over {over} ({span} pairs per "
+             f"cell, each against the same seed, {same} and R at M=1): of {n_cells} (M, R) cells, Rec "
+             f"{_count_text(directions['rec'], 'lower', 'higher')}, KL "
+             f"{_count_text(directions['kl'], 'higher', 'lower')}, ELBO "
+             f"{_count_text(directions['elbo'], 'lower', 'higher')} "
+             "(95% CIs of the paired differences; the others within noise)."]
+    kl, rec = by_metric["kl"], by_metric["rec"].set_index(["n_cycles", "ratio"])
+    parts = []
+    for ratio, rows in kl.groupby("ratio", sort=True):
+        top = rows.sort_values("mean_diff", ascending=False).iloc[0]
+        r = rec.loc[(top["n_cycles"], ratio)]
+        parts.append(f"R={ratio:g}: M={top['n_cycles']} (KL "
+                     f"{pm(top['mean_diff'], top['ci'], signed=True)}, Rec "
+                     f"{pm(r['mean_diff'], r['ci'], signed=True)})")
+    lines.append("The M with the largest pooled KL gain at each R: " + "; ".join(parts) + ".")
+    return lines
+
+
 def counts_line(finals: pd.DataFrame) -> str:
     status = finals["status"].value_counts()
     text = (f"{len(finals)} trials: {status.get('completed', 0)} completed, "
@@ -236,9 +289,10 @@ def summary_lines(finals: pd.DataFrame, *, objective: Objective | None = None) -
         the best (Welch t-test, p ≥ 0.05), or that one seed cannot show noise; the comparison
         of the cyclical configuration best by the objective with its monotonic baseline (Rec,
         KL, ELBO and the objective, paired by seed, "too few seeds for a claim" below 2 pairs)
-        and whether the paper's claim holds there; when the study varies the learning-rate
-        schedule, the paper's Table 4 question (cyclical β alone vs cyclical η alone); the
-        trial counts.
+        and whether the paper's claim holds there; with several ramps, β_max or lr schedules,
+        the same comparison at each (M, R) pooled over them; when the study varies the
+        learning-rate schedule, the paper's Table 4 question (cyclical β alone vs cyclical η
+        alone); the trial counts.
     """
     if finals.empty:
         return ["No trials yet."]
@@ -246,4 +300,4 @@ def summary_lines(finals: pd.DataFrame, *, objective: Objective | None = None) -
     table = config_table(finals, with_objective(REPORT_METRICS, objective))
     paired = paired_vs_monotonic(finals, metrics=with_objective(CLAIM_METRICS, objective))
     return [best_line(table, objective), *comparison_lines(table, paired, objective),
-            *lr_schedule_lines(finals), counts_line(finals)]
+            *pooled_lines(finals), *lr_schedule_lines(finals), counts_line(finals)]

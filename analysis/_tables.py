@@ -71,4 +71,6 @@ def paired_view(paired: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
                          "note": notes}).reset_index()
     view = view.rename(columns={"n_cycles": "M", "ratio": "R", "beta_max": "β_max",
                                 "lr_schedule": "lr"})
-    return view if view["lr"].nunique() > 1 else view.drop(columns="lr")
+    if "lr" in view.columns and view["lr"].nunique() <= 1:
+        view = view.drop(columns="lr")
+    return view

@@ -68,7 +68,7 @@ def test_report_has_every_kind_of_figure(finished):
 def test_report_sections_appear_in_order(finished):
     text = html_of(finished[1])
     ids = ["summary", "rate-distortion", "heatmaps", "curves", "latents", "configs", "paired",
-           "pruning"]
+           "pooled", "pruning"]
     positions = [text.find(f"<section id='{i}'>") for i in ids]
     assert -1 not in positions and positions == sorted(positions)
 
@@ -229,3 +229,17 @@ def test_an_lr_schedule_axis_keeps_its_arms_apart(tmp_path):
     paired = section(text, "paired")
     assert paired.count("<tr><td>") == 2 and "cyclical_cosine" in paired
     assert "could not be drawn" not in text
+
+
+def test_pooled_section_has_one_row_per_cyclical_m_and_r(finished):
+    pooled = section(html_of(finished[1]), "pooled")
+    assert "pooled over ramps" in pooled
+    assert pooled.count("<tr><td>") == 4  # M {2, 4} × R {0.5, 1}; R 0 has no cyclical schedule
+    assert "<th>ramp</th>" not in pooled and "<th>pairs</th>" in pooled
+
+
+def test_one_ramp_gets_no_pooled_section(tmp_path):
+    study = tmp_path / "small"
+    write_synthetic_study(study, n_trials=12, n_evals=8, seed=2, grid=SMALL_GRID, p_pruned=0.0,
+                          p_error=0.0)
+    assert "id='pooled'" not in html_of(build_report(study, log_to_mlflow=False))

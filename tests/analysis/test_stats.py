@@ -142,3 +142,35 @@ def test_paired_vs_constant_lr_pairs_each_beta_schedule_with_its_constant_eta_tw
     assert paired["mean_diff"].tolist() == pytest.approx([0.25, 0.25])
     assert (paired["n_pairs"] == 3).all()
     assert paired_vs_constant_lr(base, metrics=("elbo",)).empty  # one η schedule only
+
+
+def test_pooled_pairs_every_ramp_with_its_own_monotonic_twin():
+    from analysis._stats import POOLED_COLUMNS, paired_vs_monotonic_pooled
+
+    base = paired_study(3)  # M 4 − M 1 elbo differences 0.5, 0.7, 0.3 per seed
+    cosine = base.assign(ramp="cosine", elbo=np.where(base["n_cycles"] == 1, 10.0,
+                                                      10.0 + 2.0))  # differences 2, 2, 2
+    other_r = base.assign(ratio=1.0, elbo=np.where(base["n_cycles"] == 1, 0.0, -1.0))
+    frame = pd.concat([base, cosine, other_r], ignore_index=True)
+    pooled = paired_vs_monotonic_pooled(frame, metrics=("elbo",))
+    assert list(pooled.columns) == list(POOLED_COLUMNS)
+    assert list(zip(pooled["n_cycles"], pooled["ratio"], strict=True)) == [(4, 0.5), (4, 1.0)]
+    at_half = pooled.iloc[0]
+    assert at_half["n_pairs"] == 6  # 3 seeds × 2 ramps
+    diffs = np.array([0.5, 0.7, 0.3, 2.0, 2.0, 2.0])
+    assert at_half["mean_diff"] == pytest.approx(diffs.mean())
+    assert at_half["ci"] == pytest.approx(mean_ci(diffs)[1])
+    assert at_half["p_value"] == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    assert pooled.iloc[1]["mean_diff"] == pytest.approx(-1.0)  # R 1 pooled on its own
+    # the per-ramp table still has one row per ramp
+    assert len(paired_vs_monotonic(frame, metrics=("elbo",))) == 3
+
+
+def test_pooled_skips_a_pair_whose_twin_did_not_complete():
+    from analysis._stats import paired_vs_monotonic_pooled
+
+    frame = paired_study(4)
+    frame.loc[(frame["n_cycles"] == 1) & (frame["seed"] == 0), "status"] = "pruned"
+    pooled = paired_vs_monotonic_pooled(frame, metrics=("elbo",))
+    assert pooled.iloc[0]["n_pairs"] == 3
+    assert pooled.iloc[0]["mean_diff"] == pytest.approx(np.mean(DIFFS[1:4]))

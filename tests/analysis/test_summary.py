@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 from test_stats import finals, paired_study
 
@@ -165,3 +166,31 @@ def test_table4_with_only_pruned_trials_says_too_few_seeds():
     lines = [line for line in summary_lines(frame) if "Table 4" in line]
     assert lines == ["Learning-rate schedule (paper Table 4): too few paired seeds for a "
                      "comparison."]
+
+
+# --- pooled over ramps ------------------------------------------------------------------------
+def ramps_study():
+    """M {1, 2, 4} × R {0.5, 1} × ramps {linear, cosine} × 3 seeds. At R 1 cyclical raises KL
+    by 0.3·M/2 and lowers Rec as much (ELBO equal); at R 0.5 nothing differs."""
+    frames = []
+    for ramp in ("linear", "cosine"):
+        means = {}
+        for m in (1, 2, 4):
+            means[(m, 0.5)] = (-2.3, 2.3, 0.0)
+            gain = 0.0 if m == 1 else 0.3 * m / 2
+            means[(m, 1.0)] = (-2.3, 2.3 - gain, gain)
+        frames.append(study(means).assign(ramp=ramp))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_pooled_lines_count_cells_and_name_the_best_m_at_each_r():
+    lines = summary_lines(ramps_study())
+    head = next(line for line in lines if line.startswith("Cyclical vs monotonic at each M"))
+    assert "pooled over ramps (6 pairs per cell" in head and "same seed, ramp and R" in head
+    assert "of 4 (M, R) cells, Rec lower in 2, KL higher in 2, ELBO lower in 0" in head
+    best = next(line for line in lines if line.startswith("The M with the largest pooled KL"))
+    assert "R=0.5: M=" in best and "R=1: M=4 (KL +0.6" in best
+
+
+def test_one_ramp_means_nothing_to_pool():
+    assert not any("pooled" in line for line in summary_lines(study(CLEAR)))
