@@ -52,13 +52,20 @@ def trial_counts(sd: StudyDir, n_trials: int) -> dict[str, int]:
 
 
 def study_status(study_dir: str | Path) -> dict[str, Any]:
-    """Counts by status, best trial (finite objective values only) and progress."""
+    """Counts by status, best trial (finite objective values only) and progress.
+
+    ``interrupted`` is how many of the ``running`` trials no driver runs any more (the study is
+    not locked): those a stop cut off, which a resume restarts from their last checkpoint.
+    """
     sd = StudyDir(Path(study_dir).resolve())
     meta = read_meta_checked(sd, "status")
     counts = trial_counts(sd, meta["n_trials"])
     metric, mode = objective_of(meta)
     finals = {k: v for k, v in final_valid(sd, metric).items()
               if v is not None and math.isfinite(v)}  # never a NaN "best"
+    holder = lock_holder(sd)
+    # nothing drives the study: trials recorded as running were cut off by the stop
+    interrupted = counts["running"] if holder is None else 0
     best_trial, best_value = None, None
     if finals:
         pick = max if mode == "max" else min
@@ -66,7 +73,8 @@ def study_status(study_dir: str | Path) -> dict[str, Any]:
     return {"name": meta["name"], "status": meta["status"], "study_dir": str(sd.root),
             "n_trials": meta["n_trials"], "counts": counts, "best_trial": best_trial,
             "best_value": best_value, "objective": f"valid/{metric} ({mode})",
-            "tracking_uri": meta["tracking_uri"], "locked_by": lock_holder(sd),
+            "interrupted": interrupted,
+            "tracking_uri": meta["tracking_uri"], "locked_by": holder,
             "started_at": meta.get("started_at"), "finished_at": meta.get("finished_at")}
 
 

@@ -156,8 +156,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     c = status["counts"]
     print(f"study {status['name']!r} ({status['status']}) in {status['study_dir']}")
+    interrupted = status.get("interrupted", 0)
+    running = (f"{interrupted} interrupted (running when the study stopped)" if interrupted
+               else f"{c['running']} running")
     print(f"  trials {status['n_trials']}: {c['completed']} completed, {c['pruned']} pruned, "
-          f"{c['running']} running, {c['error']} failed, {c['pending']} pending")
+          f"{running}, {c['error']} failed, {c['pending']} pending")
     if status["best_trial"]:
         print(f"  best {status['objective']}: {status['best_value']:.4f} ({status['best_trial']})")
     print(f"  MLflow: {status['tracking_uri']}")
