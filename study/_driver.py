@@ -105,6 +105,7 @@ def _mirror(spec: StudySpec, sd: StudyDir, study_name: str):  # -> OptunaMirror
             "min_resource_steps": max(p.min_resource * t.eval_every_steps, min_step),
             "max_resource_steps": t.total_steps,
             "reduction_factor": p.reduction_factor,
+            "reference": p.reference,
         },
         sampler_seed=spec.search.seed,
         search_space=spec.search_space(),

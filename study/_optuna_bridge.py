@@ -15,6 +15,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from study._pruners import REFERENCES, PeerPercentilePruner
+
 log = logging.getLogger(__name__)
 
 TRIAL_ID_ATTR = "tune_trial_id"
@@ -30,21 +32,38 @@ def make_pruner(
     min_resource_steps: int = 1,
     max_resource_steps: int = 1,
     reduction_factor: int = 3,
+    reference: str = "reached",
 ) -> optuna.pruners.BasePruner:
-    """The Optuna pruner named by the spec (``pruning.pruner``); steps are optimizer steps."""
+    """The Optuna pruner named by the spec (``pruning.pruner``); steps are optimizer steps.
+
+    ``reference`` (median, percentile, patient): whose values at a step the trial is compared
+    with: ``reached``, every other trial that reported there (``study._pruners``), or
+    ``completed``, Optuna's own rule (completed trials only).
+    """
     if kind == "none":
         return optuna.pruners.NopPruner()
-    # A step's median (or percentile) is taken over at least n_startup_trials completed
-    # trials that reported at that step: phase-aware trials report only fixing-stage steps.
+    if reference not in REFERENCES:
+        raise ValueError(f"pruning.reference: must be one of {REFERENCES}, got {reference!r}")
+    # A step's median (or percentile) is taken over at least n_startup_trials trials that
+    # reported at that step: phase-aware trials report only fixing-stage steps.
     references = max(1, n_startup_trials)
-    median = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials,
-                                         n_warmup_steps=n_warmup_steps, n_min_trials=references)
-    if kind == "median":
-        return median
-    if kind == "percentile":
-        return optuna.pruners.PercentilePruner(percentile, n_startup_trials=n_startup_trials,
+
+    def percentile_rule(q: float) -> optuna.pruners.BasePruner:
+        if reference == "reached":
+            return PeerPercentilePruner(q, n_startup_trials=n_startup_trials,
+                                        n_warmup_steps=n_warmup_steps, n_min_trials=references)
+        if q == 50.0:
+            return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials,
                                                n_warmup_steps=n_warmup_steps,
                                                n_min_trials=references)
+        return optuna.pruners.PercentilePruner(q, n_startup_trials=n_startup_trials,
+                                               n_warmup_steps=n_warmup_steps,
+                                               n_min_trials=references)
+
+    if kind == "median":
+        return percentile_rule(50.0)
+    if kind == "percentile":
+        return percentile_rule(percentile)
     if kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource_steps,
                                                       reduction_factor=reduction_factor)
@@ -53,7 +72,7 @@ def make_pruner(
                                               max_resource=max_resource_steps,
                                               reduction_factor=reduction_factor)
     if kind == "patient":
-        return optuna.pruners.PatientPruner(median, patience=patience)
+        return optuna.pruners.PatientPruner(percentile_rule(50.0), patience=patience)
     raise ValueError(f"pruning.pruner: unknown pruner {kind!r}")
 
 
