@@ -67,6 +67,7 @@ POLICIES = (  # (label, pruning section overrides, legacy order)
     ("successive halving", {"pruner": "successive_halving"}, False),
     ("hyperband", {"pruner": "hyperband"}, False),
     ("patient", {"pruner": "patient"}, False),
+    ("median, same-seed reference", {"pruner": "median", "reference": "same_seed"}, False),
     ("median, completed-only reference", {"pruner": "median", "reference": "completed"}, False),
     ("median, legacy", {"pruner": "median", "min_share": 0.0, "fixing_grace_share": 1.0,
                         "reference": "completed"}, True),

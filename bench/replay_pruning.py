@@ -5,7 +5,8 @@ full curve: the completed trials of a study run with ``pruning: {pruner: none}``
 2 at a time in the driver's run order, through klstudy's real decision code
 (``bench/pruning.py``'s ``Policy``: ``study._pruning.OptunaPruningScheduler`` and the policy the
 driver builds from the spec, Optuna storage in memory). Printed: the trials pruned per family
-(M = 1, M > 1) with the step and each one's *final* objective had it run on, and the steps used.
+(M = 1, M > 1), by seed, M and R, with the step and each one's *final* objective had it run on;
+how many of the best tenth of the trials (by final objective) were pruned; the steps used.
 
     python bench/replay_pruning.py STUDY_DIR [--pruner median] [--option n_startup_trials=5]
         [--out FILE.md]
@@ -49,6 +50,13 @@ def _option(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def _shares(configs: list[Any], pruned: list[Any], key: Any) -> str:
+    """``0: 3/10, 1: 5/10``: pruned of replayed trials per value of ``key``."""
+    values = sorted({key(c) for c in configs})
+    return ", ".join(f"{v:g}: {sum(key(c) == v for c in pruned)}/"
+                     f"{sum(key(c) == v for c in configs)}" for v in values)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study_dir", type=Path)
@@ -77,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     kept = [finals[c.trial_id] for c in configs if c not in pruned]
     rows = [[c.trial_id, steps[c.trial_id], f"{finals[c.trial_id]:.3f}"] for c in pruned]
     fam = {f: [c for c in configs if (c.n_cycles > 1) == f] for f in (False, True)}
+    ranked = sorted(configs, key=lambda c: finals[c.trial_id],
+                    reverse=spec.objective.mode == "max")
+    top = ranked[:max(1, len(ranked) // 10)]  # the best tenth by the final objective
+    lost = [c for c in top if c in pruned]
     text = "\n".join([
         f"# Pruning replay: {spec.name}, pruner {args.pruner} {dict(args.option) or ''}", "",
         f"Command: `{command_line()}`  ",
@@ -87,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(steps.values()) / sum(c.total_steps for c in configs):.2f}. Final valid "
         f"{metric} ({spec.objective.mode}) of the kept trials: median "
         f"{statistics.median(kept):.3f}" if kept else "none kept", "",
+        f"Pruned by seed: {_shares(configs, pruned, lambda c: c.seed)}; by M: "
+        f"{_shares(configs, pruned, lambda c: c.n_cycles)}; by R: "
+        f"{_shares(configs, pruned, lambda c: c.ratio)}.  ",
+        f"Of the best tenth of the trials by their final {metric} ({len(top)}), pruned: "
+        f"{len(lost)}" + (f" ({', '.join(c.trial_id for c in lost)})" if lost else "") + ".",
+        "",
         markdown_table(["pruned trial", "at step", f"final {metric} had it run on"], rows)
         if rows else "Nothing pruned.",
     ])

@@ -37,8 +37,9 @@ def make_pruner(
     """The Optuna pruner named by the spec (``pruning.pruner``); steps are optimizer steps.
 
     ``reference`` (median, percentile, patient): whose values at a step the trial is compared
-    with: ``reached``, every other trial that reported there (``study._pruners``), or
-    ``completed``, Optuna's own rule (completed trials only).
+    with: ``reached``, every other trial that reported there (``study._pruners``),
+    ``same_seed``, those of them run with the trial's seed, or ``completed``, Optuna's own rule
+    (completed trials only).
     """
     if kind == "none":
         return optuna.pruners.NopPruner()
@@ -49,9 +50,10 @@ def make_pruner(
     references = max(1, n_startup_trials)
 
     def percentile_rule(q: float) -> optuna.pruners.BasePruner:
-        if reference == "reached":
+        if reference != "completed":
             return PeerPercentilePruner(q, n_startup_trials=n_startup_trials,
-                                        n_warmup_steps=n_warmup_steps, n_min_trials=references)
+                                        n_warmup_steps=n_warmup_steps, n_min_trials=references,
+                                        same_seed=reference == "same_seed")
         if q == 50.0:
             return optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials,
                                                n_warmup_steps=n_warmup_steps,

@@ -271,8 +271,9 @@ class PruningSpec(_Section):
     min_resource: PosInt = 1  # successive_halving/hyperband: in evaluations
     reduction_factor: Annotated[int, Field(ge=2)] = 3  # successive_halving/hyperband
     # median/percentile/patient: a step's reference values come from every other trial that
-    # reported there ("reached") or, as in Optuna, from the completed trials only ("completed").
-    reference: Literal["reached", "completed"] = "reached"
+    # reported there ("reached"), those of them with the trial's seed ("same_seed") or, as in
+    # Optuna, from the completed trials only ("completed").
+    reference: Literal["same_seed", "reached", "completed"] = "reached"
     storage: str | None = None  # Optuna RDB URL; None: the driver's default (in the study dir)
     # Nothing is reported to the pruner, so nothing pruned, before this share of total_steps.
     min_share: Annotated[float, _range(0, 1)] = 0.25

@@ -100,3 +100,23 @@ def test_make_pruner_uses_the_peer_rule_by_default():
 def test_make_pruner_rejects_an_unknown_reference():
     with pytest.raises(ValueError, match="pruning.reference"):
         make_pruner("median", reference="survivors")
+
+
+def test_same_seed_compares_a_trial_with_its_own_seeds_trials_only():
+    study = optuna.create_study(direction="maximize")
+    for seed, value in [(0, 9.0), (0, 8.0), (1, 2.0), (1, 1.0), (1, 3.0)]:
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=0.0, intermediate_values={100: value},
+            user_attrs={"seed": seed}))
+    frozen = optuna.trial.create_trial(state=TrialState.RUNNING, intermediate_values={100: 5.0},
+                                       user_attrs={"seed": 1})
+    frozen.number = len(study.trials)
+    pooled = PeerPercentilePruner(50.0, n_startup_trials=1)
+    by_seed = PeerPercentilePruner(50.0, n_startup_trials=1, same_seed=True)
+    assert pooled.prune(study, frozen) is False  # median of all five = 3
+    frozen.user_attrs["seed"] = 0
+    assert by_seed.prune(study, frozen) is True  # seed 0's median = 8.5
+    frozen.user_attrs["seed"] = 1
+    assert by_seed.prune(study, frozen) is False  # seed 1's median = 2
+    assert isinstance(make_pruner("median", reference="same_seed"), PeerPercentilePruner)
+    assert make_pruner("median", reference="same_seed")._same_seed
