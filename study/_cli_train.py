@@ -17,9 +17,11 @@ _CHECKPOINT_EVERY_S = 30.0
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one trial (no Ray), printing each evaluation")
     p.add_argument("--model", choices=["toy", "lstm_text"], default="toy")
-    p.add_argument("--data", default="toy", help="toy | ptb | a directory of train/valid/test .txt")
+    p.add_argument("--data", default="toy",
+                   help="toy | ptb | a directory of train/valid/test .txt")
     p.add_argument("--n-cycles", type=int, default=4, help="M, number of β cycles")
-    p.add_argument("--ratio", type=float, default=0.5, help="R, proportion of a cycle spent ramping")
+    p.add_argument("--ratio", type=float, default=0.5,
+                   help="R, proportion of a cycle spent ramping")
     p.add_argument("--ramp", choices=["linear", "sigmoid", "cosine"], default="linear")
     p.add_argument("--beta-max", type=float, default=1.0)
     p.add_argument("--total-steps", type=int, default=4000)
@@ -52,7 +54,8 @@ def _train_config(args: argparse.Namespace):  # -> TrialConfig
     else:
         data, data_path = "text", str(args.data)
         if not Path(data_path).is_dir():
-            raise UserError(f"--data: must be toy, ptb or an existing directory, got {args.data!r}")
+            raise UserError("--data: must be toy, ptb or an existing directory, "
+                            f"got {args.data!r}")
     text_model = args.model == "lstm_text"
     config = TrialConfig(
         model=args.model,

@@ -134,11 +134,14 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
         param_space: dict[str, Any] = {}
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                       num_samples=spec.search.n_trials,
-                                      max_concurrent_trials=r.max_concurrent_trials, reuse_actors=True)
+                                      max_concurrent_trials=r.max_concurrent_trials,
+                                      reuse_actors=True)
     else:
         configs = spec.grid_configs()
-        param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]), "study": context}
-        tune_config = tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=r.max_concurrent_trials,
+        param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]),
+                       "study": context}
+        tune_config = tune.TuneConfig(scheduler=scheduler,
+                                      max_concurrent_trials=r.max_concurrent_trials,
                                       reuse_actors=True)
     recorder = StudyRecorder(sd, study_name=spec.name, configs=configs, mirror=mirror,
                              tracking_uri=context["tracking_uri"], n_trials=spec.n_trials(),
@@ -151,7 +154,8 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
         failure_config=tune.FailureConfig(max_failures=1),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
     )
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                      run_config=run_config)
 
 
 # --- public entry points ----------------------------------------------------------------------
@@ -254,7 +258,8 @@ def resume_study(study_dir: str | Path, *, address: str | None = None,
             raise StudyError(f"resume: study {meta['name']!r} in {str(sd.root)!r} already "
                              "finished")
         spec = _spec_from_meta(meta)
-        for stale in [*sd.root.glob("evaluations/part-*.tmp"), *sd.root.glob("latents/part-*.tmp")]:
+        for stale in [*sd.root.glob("evaluations/part-*.tmp"),
+                      *sd.root.glob("latents/part-*.tmp")]:
             stale.unlink()  # half-written by a killed driver; we hold the lock, nobody writes
         optuna_study = meta.get("optuna_study", meta["name"])  # older studies: the spec name
         _check_optuna(sd, spec, optuna_study, allow_new=allow_new_optuna)

@@ -67,7 +67,8 @@ def submit_study(spec_path: Path, *, address: str, study_dir: str, tracking_uri:
         if redact_text(text) != text:  # pruning.storage with a password: through the env
             from study._spec import load_spec
 
-            runtime_env["env_vars"]["KLSTUDY_OPTUNA_STORAGE"] = load_spec(spec_path).pruning.storage
+            storage = load_spec(spec_path).pruning.storage
+            runtime_env["env_vars"]["KLSTUDY_OPTUNA_STORAGE"] = storage
             text = redact_text(text)
         (Path(tmp) / "spec.yaml").write_text(text, encoding="utf-8")
         if tracking_uri and has_secret(tracking_uri):

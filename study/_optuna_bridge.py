@@ -149,7 +149,8 @@ class OptunaMirror:
         self._label(trial, trial_id, seed)
         return self.study.get_trials(deepcopy=False)[trial.number]
 
-    def ask_new(self, name: Callable[[dict[str, Any]], str], *, seed: int) -> tuple[str, dict[str, Any]]:
+    def ask_new(self, name: Callable[[dict[str, Any]], str], *,
+                seed: int) -> tuple[str, dict[str, Any]]:
         """A new twin whose params the sampler (TPE) chooses; its id is ``name(params)``."""
         trial = self.study.ask()
         params = self._suggest(trial)
@@ -183,7 +184,8 @@ class OptunaMirror:
             return
         if state == TrialState.COMPLETE and value is None:
             state = TrialState.FAIL
-        self.study.tell(frozen.number, value if state == TrialState.COMPLETE else None, state=state)
+        self.study.tell(frozen.number, value if state == TrialState.COMPLETE else None,
+                        state=state)
 
     def state_of(self, trial_id: str) -> TrialState | None:
         frozen = self.find(trial_id)

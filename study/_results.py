@@ -193,7 +193,8 @@ class StudyRecorder(Callback):
         self._writers[0].write(self._rows)
         self._writers[1].write(self._latents)
         self._rows, self._latents = [], []
-        write_table(self.study_dir.root / "trials.parquet", list(self.trials.values()), TRIAL_COLUMNS)
+        write_table(self.study_dir.root / "trials.parquet", list(self.trials.values()),
+                    TRIAL_COLUMNS)
 
     def _tag_run(self, row: dict[str, Any]) -> None:
         """What only the driver knows (pruned, error) goes to the trial's MLflow run through the
@@ -211,7 +212,8 @@ class StudyRecorder(Callback):
             key = trial_key(row["trial_id"])
             if row["status"] == "pruned":
                 self._client.terminate(key, "KILLED", tags={
-                    "klstudy.status": "pruned", "klstudy.pruned_at_step": row.get("pruned_at_step")})
+                    "klstudy.status": "pruned",
+                    "klstudy.pruned_at_step": row.get("pruned_at_step")})
             elif row["status"] == "error":
                 self._client.terminate(key, "FAILED", tags={
                     "klstudy.status": "error", "klstudy.error": str(row.get("error"))[:4000]})

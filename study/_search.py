@@ -17,13 +17,15 @@ from workers import TrialConfig
 
 
 def tpe_trial_id(index: int, params: dict[str, Any], seed: int) -> str:
-    lr = {"cyclical_cosine": "-lrcos", "constant": "-lrconst"}.get(params.get("lr_schedule", ""), "")
+    lr = {"cyclical_cosine": "-lrcos", "constant": "-lrconst"}.get(
+        params.get("lr_schedule", ""), "")
     return (f"tpe{index:04d}-M{params['n_cycles']}-R{params['ratio']}-{params['ramp']}"
             f"-b{params['beta_max']}{lr}-s{seed}")
 
 
 class OptunaTPESearcher(Searcher):
-    """Suggests ``{"trial": TrialConfig dict}`` configs from the TPE sampler, ``n_trials`` in all."""
+    """Suggests ``{"trial": TrialConfig dict}`` configs from the TPE sampler, ``n_trials`` in
+    all."""
 
     def __init__(self, mirror: OptunaMirror, base: TrialConfig, *, seeds: list[int], n_trials: int,
                  extra: dict[str, Any] | None = None, metric: str = "valid/elbo",
@@ -50,7 +52,8 @@ class OptunaTPESearcher(Searcher):
         config = dataclasses.replace(self.base, seed=seed, trial_id=ours, **params)
         return {"trial": config.to_dict(), **self.extra}
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
         pass  # the pruning scheduler tells Optuna the outcome (it sees pruned trials too)
 
     def save(self, checkpoint_path: str) -> None:

@@ -35,7 +35,8 @@ def _load_spec(path: Path):  # -> (StudySpec, text)
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="check a study spec and print how many trials it expands to")
+    p = sub.add_parser("validate",
+                       help="check a study spec and print how many trials it expands to")
     p.add_argument("spec", type=Path)
     p.set_defaults(handler=_cmd_validate)
 
@@ -204,8 +205,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                                   python=args.python)
     except (ConnectionError, RuntimeError) as exc:
         raise UserError(f"--address: could not submit to {args.address!r}: {exc}") from None
-    print(f"submitted job {submission.job_id} to {args.address}; study dir on the cluster: {study_dir}",
-          flush=True)
+    print(f"submitted job {submission.job_id} to {args.address}; study dir on the cluster: "
+          f"{study_dir}", flush=True)
     if not args.follow:
         return 0
     status = follow_job(submission, out=lambda text: print(text, flush=True))
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_validate, _add_run, _add_resume, _add_status, _add_submit, _add_report, _add_ui,
+    _add_train, _add_validate, _add_run, _add_resume, _add_status, _add_submit, _add_report,
+    _add_ui,
 ]
 
 
