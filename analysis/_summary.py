@@ -251,8 +251,8 @@ def pooled_lines(finals: pd.DataFrame) -> list[str]:
     n_cells, pairs = len(by_metric["kl"]), testable["n_pairs"]
     span = f"{pairs.min()}" if pairs.min() == pairs.max() else f"{pairs.min()}–{pairs.max()}"
     lines = [f"Cyclical vs monotonic at each M and R, pooled over {over} ({span} pairs per "
-             f"cell, each against the same seed, {same} and R at M=1): of {n_cells} (M, R) cells, Rec "
-             f"{_count_text(directions['rec'], 'lower', 'higher')}, KL "
+             f"cell, each against the same seed, {same} and R at M=1): of {n_cells} (M, R) "
+             f"cells, Rec {_count_text(directions['rec'], 'lower', 'higher')}, KL "
              f"{_count_text(directions['kl'], 'higher', 'lower')}, ELBO "
              f"{_count_text(directions['elbo'], 'lower', 'higher')} "
              "(95% CIs of the paired differences; the others within noise)."]
