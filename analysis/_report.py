@@ -30,6 +30,7 @@ from analysis._stats import config_table, paired_vs_monotonic, paired_vs_monoton
 from analysis._summary import (
     CLAIM_METRICS,
     POOLED_AXES,
+    POOLED_AXIS,
     REPORT_METRICS,
     pooled_axes,
     summary_lines,
@@ -289,10 +290,11 @@ def _pooled_sections(finals: pd.DataFrame, metrics: Sequence[str]) -> list[Secti
     if not axes:
         return []
     over = " and ".join(POOLED_AXES[a] for a in axes)
+    same = ", ".join(POOLED_AXIS[a] for a in axes)
     pooled = paired_vs_monotonic_pooled(finals, metrics=metrics)
     return [Section("pooled", f"Cyclical vs monotonic at each M and R, pooled over {over}", [
         f"<p>Each pair: one seed of one configuration at M &gt; 1 and R against the same seed, "
-        f"{esc(over)} at M = 1 and the same R (completed trials only); mean difference "
+        f"{esc(same)} at M = 1 and the same R (completed trials only); mean difference "
         "cyclical − monotonic ± its 95% CI and the paired t-test p over all pairs of the "
         "cell. It answers “does larger M help at this R?” with every ramp's seeds behind it; "
         "the table above has the same comparison per configuration.</p>",

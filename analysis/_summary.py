@@ -217,7 +217,7 @@ def lr_schedule_lines(finals: pd.DataFrame) -> list[str]:
 
 
 POOLED_AXES: dict[str, str] = {"ramp": "ramps", "beta_max": "β_max", "lr_schedule": "lr schedules"}
-_POOLED_AXIS: dict[str, str] = {"ramp": "ramp", "beta_max": "β_max", "lr_schedule": "lr schedule"}
+POOLED_AXIS: dict[str, str] = {"ramp": "ramp", "beta_max": "β_max", "lr_schedule": "lr schedule"}
 
 
 def pooled_axes(finals: pd.DataFrame) -> list[str]:
@@ -241,7 +241,7 @@ def pooled_lines(finals: pd.DataFrame) -> list[str]:
     if not axes:
         return []
     over = " and ".join(POOLED_AXES[a] for a in axes)
-    same = ", ".join(_POOLED_AXIS[a] for a in axes)
+    same = ", ".join(POOLED_AXIS[a] for a in axes)
     pooled = paired_vs_monotonic_pooled(finals, metrics=CLAIM_METRICS)
     testable = pooled[pooled["n_pairs"] >= 2]
     if testable.empty:

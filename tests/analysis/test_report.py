@@ -233,7 +233,7 @@ def test_an_lr_schedule_axis_keeps_its_arms_apart(tmp_path):
 
 def test_pooled_section_has_one_row_per_cyclical_m_and_r(finished):
     pooled = section(html_of(finished[1]), "pooled")
-    assert "pooled over ramps" in pooled
+    assert "pooled over ramps" in pooled and "against the same seed, ramp at M = 1" in pooled
     assert pooled.count("<tr><td>") == 4  # M {2, 4} × R {0.5, 1}; R 0 has no cyclical schedule
     assert "<th>ramp</th>" not in pooled and "<th>pairs</th>" in pooled
 
