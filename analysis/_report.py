@@ -29,10 +29,8 @@ from analysis._rd import rate_distortion_figure
 from analysis._stats import config_table, paired_vs_monotonic, paired_vs_monotonic_pooled
 from analysis._summary import (
     CLAIM_METRICS,
-    POOLED_AXES,
-    POOLED_AXIS,
     REPORT_METRICS,
-    pooled_axes,
+    pooled_labels,
     summary_lines,
     with_objective,
 )
@@ -286,11 +284,10 @@ _PAIRED_NOTE = ("<p>Each cyclical configuration (M &gt; 1) against the monotonic
 def _pooled_sections(finals: pd.DataFrame, metrics: Sequence[str]) -> list[Section]:
     """Cyclical vs monotonic per (M, R), pooled over ramps, β_max and lr schedules; only when
     the study has more than one of them (otherwise the table above says it all)."""
-    axes = pooled_axes(finals)
-    if not axes:
+    labels = pooled_labels(finals)
+    if labels is None:
         return []
-    over = " and ".join(POOLED_AXES[a] for a in axes)
-    same = ", ".join(POOLED_AXIS[a] for a in axes)
+    over, same = labels
     pooled = paired_vs_monotonic_pooled(finals, metrics=metrics)
     return [Section("pooled", f"Cyclical vs monotonic at each M and R, pooled over {over}", [
         f"<p>Each pair: one seed of one configuration at M &gt; 1 and R against the same seed, "

@@ -17,9 +17,10 @@ from scipy import stats
 
 CONFIG_KEYS: tuple[str, ...] = ("n_cycles", "ratio", "ramp", "beta_max", "lr_schedule")
 DEFAULT_LR_SCHEDULE = "constant"  # what a frame without an lr_schedule column ran
-PAIRED_COLUMNS: tuple[str, ...] = (*CONFIG_KEYS, "metric", "n_pairs", "mean_diff", "ci", "ci_low",
-                                   "ci_high", "p_value", "p_wilcoxon", "note")
-POOLED_COLUMNS: tuple[str, ...] = ("n_cycles", "ratio", *PAIRED_COLUMNS[len(CONFIG_KEYS):])
+_PAIR_STATS: tuple[str, ...] = ("metric", "n_pairs", "mean_diff", "ci", "ci_low", "ci_high",
+                                "p_value", "p_wilcoxon", "note")
+PAIRED_COLUMNS: tuple[str, ...] = (*CONFIG_KEYS, *_PAIR_STATS)
+POOLED_COLUMNS: tuple[str, ...] = ("n_cycles", "ratio", *_PAIR_STATS)
 MIN_WILCOXON_PAIRS = 6
 TOO_FEW_SEEDS = "too few seeds"
 
@@ -190,5 +191,4 @@ def _paired_against(finals: pd.DataFrame, key: str, is_base, metrics: Sequence[s
         for metric in metrics:
             diffs = (group[metric] - group[f"{metric}_base"]).dropna().to_numpy(float)
             rows.append({**config._asdict(), "metric": metric, **_paired_row(diffs)})
-    columns = [*groups, *PAIRED_COLUMNS[len(CONFIG_KEYS):]]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=[*groups, *_PAIR_STATS])

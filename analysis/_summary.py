@@ -29,6 +29,7 @@ from analysis._stats import (
     paired_vs_constant_lr,
     paired_vs_monotonic,
     paired_vs_monotonic_pooled,
+    with_lr_schedule,
 )
 
 REPORT_METRICS: tuple[str, ...] = ("elbo", "rec", "kl", "mi", "au")
@@ -216,15 +217,22 @@ def lr_schedule_lines(finals: pd.DataFrame) -> list[str]:
     return lines
 
 
-POOLED_AXES: dict[str, str] = {"ramp": "ramps", "beta_max": "β_max", "lr_schedule": "lr schedules"}
-POOLED_AXIS: dict[str, str] = {"ramp": "ramp", "beta_max": "β_max", "lr_schedule": "lr schedule"}
+# The config axes pooled over besides M and R: (plural, singular) names.
+_POOLED_NAMES: dict[str, tuple[str, str]] = {"ramp": ("ramps", "ramp"),
+                                             "beta_max": ("β_max", "β_max"),
+                                             "lr_schedule": ("lr schedules", "lr schedule")}
 
 
-def pooled_axes(finals: pd.DataFrame) -> list[str]:
-    """The config axes besides M and R that take more than one value among the β schedules
-    (R > 0): what :func:`analysis._stats.paired_vs_monotonic_pooled` pools over."""
-    scheduled = finals[finals["ratio"] > 0].assign(lr_schedule=lambda f: lr_schedules(f))
-    return [k for k in POOLED_AXES if scheduled[k].nunique() > 1]
+def pooled_labels(finals: pd.DataFrame) -> tuple[str, str] | None:
+    """What :func:`analysis._stats.paired_vs_monotonic_pooled` pools over — the config axes
+    besides M and R with more than one value among the β schedules (R > 0) — as ("ramps and
+    β_max", "ramp, β_max"); None when there is nothing to pool."""
+    scheduled = with_lr_schedule(finals[finals["ratio"] > 0])
+    axes = [k for k in _POOLED_NAMES if scheduled[k].nunique() > 1]
+    if not axes:
+        return None
+    return (" and ".join(_POOLED_NAMES[a][0] for a in axes),
+            ", ".join(_POOLED_NAMES[a][1] for a in axes))
 
 
 def _count_text(directions: list[str], good: str, bad: str) -> str:
@@ -237,11 +245,10 @@ def pooled_lines(finals: pd.DataFrame) -> list[str]:
     than one ramp, β_max or lr schedule: in how many (M, R) cells Rec is lower, KL higher and
     ELBO lower by the 95% CIs of the pooled paired differences, and at each R the M with the
     largest KL gain. Empty when nothing is pooled."""
-    axes = pooled_axes(finals)
-    if not axes:
+    labels = pooled_labels(finals)
+    if labels is None:
         return []
-    over = " and ".join(POOLED_AXES[a] for a in axes)
-    same = ", ".join(POOLED_AXIS[a] for a in axes)
+    over, same = labels
     pooled = paired_vs_monotonic_pooled(finals, metrics=CLAIM_METRICS)
     testable = pooled[pooled["n_pairs"] >= 2]
     if testable.empty:

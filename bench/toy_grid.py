@@ -26,8 +26,12 @@ from toy_curve import wilson
 from analysis import final_rows, load_study
 
 
+def _uses_z(rows: pd.DataFrame, threshold: float) -> int:
+    return int((rows["kl"] >= threshold).sum())
+
+
 def _share_row(rows: pd.DataFrame, threshold: float) -> list[object]:
-    k, n = int((rows["kl"] >= threshold).sum()), len(rows)
+    k, n = _uses_z(rows, threshold), len(rows)
     lo, hi = wilson(k, n)
     return [f"{k}/{n}", f"[{lo:.2f}, {hi:.2f}]", f"{rows['kl'].mean():.3f}",
             f"{rows['rec'].mean():.3f}"]
@@ -45,7 +49,7 @@ def tables(done: pd.DataFrame, threshold: float) -> list[str]:
         [[ramp, m, *_share_row(g, threshold)]
          for (ramp, m), g in done.groupby(["ramp", "n_cycles"], sort=True)])
     mono, cyc = done[done["n_cycles"] == 1], done[done["n_cycles"] > 1]
-    k_mono, k_cyc = int((mono["kl"] >= threshold).sum()), int((cyc["kl"] >= threshold).sum())
+    k_mono, k_cyc = _uses_z(mono, threshold), _uses_z(cyc, threshold)
     p = stats.fisher_exact([[k_cyc, len(cyc) - k_cyc], [k_mono, len(mono) - k_mono]]).pvalue
     family = markdown_table(
         ["family", *head],
