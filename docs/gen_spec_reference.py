@@ -199,7 +199,7 @@ def _raised_messages(func: Any, depth: int = 0, seen: set[int] | None = None,
                     ".")[0]:
                 params = list(inspect.signature(helper).parameters)
                 binding = {p: names.get(a.id, a) if isinstance(a, ast.Name) else a
-                           for p, a in zip(params, node.args)}
+                           for p, a in zip(params, node.args, strict=False)}
                 binding.update({k.arg: k.value for k in node.keywords if k.arg})
                 out.extend(_raised_messages(helper, depth + 1, seen, binding))
     return out
@@ -326,7 +326,8 @@ def _rows(model: type[BaseModel], path: str, rules_by_key: dict[str, list[str]]
             + rules_by_key.get(name, [])))
         description = _clean_doc(field.description) or _clean_doc(comments.get(name))
         if sub is not None:
-            description = (description + " " if description else "") + f"See [{dotted}](#{_anchor(dotted)})."
+            see = f"See [{dotted}](#{_anchor(dotted)})."
+            description = f"{description} {see}" if description else see
         rows.append("| " + " | ".join(_cell(c) for c in (
             f"`{dotted}`", _type_text(prop, defs), _default_text(field),
             "; ".join(f"{r}" for r in rules) or "—", description or "—")) + " |")
@@ -360,11 +361,14 @@ def _validator_messages(model: type[BaseModel]) -> tuple[dict[str, list[str]], l
     return by_key, list(dict.fromkeys(general))
 
 
-def render() -> str:
-    from study._spec import StudySpec  # the spec API module (its sections may live elsewhere)
+def render(root: type[BaseModel] | None = None, header: str = HEADER) -> str:
+    """The page for ``root`` (default: ``study._spec.StudySpec``) and every section it holds."""
+    if root is None:
+        from study._spec import StudySpec  # the spec's API module (sections may live elsewhere)
 
-    out = [HEADER]
-    queue: list[tuple[str, type[BaseModel]]] = [("", StudySpec)]
+        root = StudySpec
+    out = [header]
+    queue: list[tuple[str, type[BaseModel]]] = [("", root)]
     while queue:
         path, model = queue.pop(0)
         title = path or "Top level"
@@ -388,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when docs/spec-reference.md differs from the generated page")
-    parser.add_argument("--out", type=Path, default=PAGE, help="where to write (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=PAGE,
+                        help="where to write (default: %(default)s)")
     args = parser.parse_args(argv)
     page = render()
     if args.check:

@@ -18,15 +18,17 @@ from pathlib import Path
 
 log = logging.getLogger("mkdocs.hooks.repo_links")
 
-# [text](target) and ![alt](target); code spans and fenced blocks are skipped below.
-_LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
-_CODE = re.compile(r"(```.*?```|`[^`\n]*`)", re.DOTALL)
+# Fenced blocks and code spans (left alone), or [text](target) / ![alt](target), whichever
+# starts first: a link whose text is code is a link, a link inside code is code.
+_TOKEN = re.compile(r"(?P<code>```.*?```|`[^`\n]*`)|(!?)\[([^\]]*)\]\(([^)\s]+)\)", re.DOTALL)
 
 
 def _rewrite(segment: str, page_dir: str, root: Path, docs: Path, repo_url: str | None,
              page: str) -> str:
     def one(match: re.Match[str]) -> str:
-        bang, text, target = match.groups()
+        if match.group("code"):
+            return match.group(0)
+        bang, text, target = match.group(2, 3, 4)
         if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith(("#", "/")):
             return match.group(0)
         path, _, anchor = target.partition("#")
@@ -53,15 +55,18 @@ def _rewrite(segment: str, page_dir: str, root: Path, docs: Path, repo_url: str 
             return f"`{rel}`"
         return f"{text} (`{rel}`)"
 
-    return _LINK.sub(one, segment)
+    return _TOKEN.sub(one, segment)
+
+
+def rewrite_markdown(markdown: str, page_dir: str, root: Path, docs: Path,
+                     repo_url: str | None, page: str) -> str:
+    """``markdown`` with its links to repository files outside ``docs/`` rewritten (code spans
+    and fenced blocks left alone)."""
+    return _rewrite(markdown, page_dir, root, docs, repo_url, page)
 
 
 def on_page_markdown(markdown, page, config, files):  # noqa: ARG001 - the MkDocs hook signature
-    docs = Path(config["docs_dir"]).resolve()
-    root = Path(config["config_file_path"]).resolve().parent
-    page_dir = posixpath.dirname(page.file.src_uri)
-    parts = _CODE.split(markdown)  # odd indices: code, left alone
-    return "".join(
-        part if i % 2 else _rewrite(part, page_dir, root, docs, config.get("repo_url"),
-                                    page.file.src_uri)
-        for i, part in enumerate(parts))
+    return rewrite_markdown(markdown, posixpath.dirname(page.file.src_uri),
+                            Path(config["config_file_path"]).resolve().parent,
+                            Path(config["docs_dir"]).resolve(), config.get("repo_url"),
+                            page.file.src_uri)
