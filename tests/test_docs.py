@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -149,6 +150,67 @@ def test_every_relative_link_in_readme_and_docs_points_somewhere():
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
+def _md_links(file: Path) -> list[Path]:
+    """The Markdown files a file links to (existing ones)."""
+    text = _without_code(file.read_text(encoding="utf-8"))
+    out = []
+    for m in [*_LINK.finditer(text), *_REF_DEF.finditer(text), *_HTML_LINK.finditer(text)]:
+        path = m.group(1).partition("#")[0]
+        if path and not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", path):
+            dest = (file.parent / path).resolve()
+            if dest.suffix == ".md" and dest.is_file():
+                out.append(dest)
+    return out
+
+
+def unreachable_pages(nav_pages: list[Path], docs: Path) -> list[str]:
+    """Pages under ``docs`` that no chain of links from a nav page reaches (orphans)."""
+    seen: set[Path] = set()
+    todo = [p.resolve() for p in nav_pages]
+    while todo:
+        page = todo.pop()
+        if page in seen:
+            continue
+        seen.add(page)
+        todo.extend(_md_links(page))
+    return sorted(str(p.relative_to(docs)) for p in docs.rglob("*.md") if p.resolve() not in seen)
+
+
+def _nav_pages() -> list[Path]:
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    pages: list[Path] = []
+
+    def walk(node):
+        if isinstance(node, str):
+            pages.append(DOCS / node)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+
+    walk(config["nav"])
+    return pages
+
+
+def test_every_page_is_in_the_nav_or_linked_from_it():
+    nav = _nav_pages()
+    assert len(nav) >= 11 and all(p.is_file() for p in nav), nav
+    orphans = unreachable_pages(nav, DOCS)
+    assert not orphans, f"pages no nav page leads to: {orphans}"
+
+
+def test_orphan_check_finds_unlinked_pages(tmp_path):
+    (tmp_path / "index.md").write_text("[a](sub/a.md)\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.md").write_text("[b](b.md) `[c](c.md)`\n")
+    (tmp_path / "sub" / "b.md").write_text("back to [index](../index.md)\n")
+    (tmp_path / "sub" / "c.md").write_text("only named in code\n")
+    assert unreachable_pages([tmp_path / "index.md"], tmp_path) == ["sub/c.md"]
+
+
 def test_link_checker_finds_broken_files_and_anchors(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "page.md").write_text(
@@ -197,7 +259,7 @@ def test_site_builds_strict(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={"PATH": "/usr/bin:/bin", "NO_MKDOCS_2_WARNING": "1", "HOME": str(tmp_path)})
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     # every nav page was built, and the spec reference holds the generated table
