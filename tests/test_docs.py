@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -293,9 +294,14 @@ def test_hook_keeps_repository_links_and_flags_missing_ones(tmp_path, caplog):
 
 
 # --- the spec reference --------------------------------------------------------------------
+@functools.cache
+def _generated_spec_reference() -> str:
+    return gen.render()
+
+
 def test_spec_reference_page_is_generated_from_the_spec():
     committed = (DOCS / "spec-reference.md").read_text(encoding="utf-8")
-    generated = gen.render()
+    generated = _generated_spec_reference()
     assert committed == generated, (
         "docs/spec-reference.md is stale: run `python docs/gen_spec_reference.py` and commit it")
 
@@ -303,7 +309,7 @@ def test_spec_reference_page_is_generated_from_the_spec():
 def test_spec_reference_names_every_key_of_every_section():
     from study._spec import StudySpec
 
-    page = gen.render()
+    page = _generated_spec_reference()
     keys = []
 
     def walk(model, prefix):
@@ -363,7 +369,7 @@ class _Outer(BaseModel):
 
 
 def test_spec_reference_renders_types_defaults_rules_and_comments():
-    page = gen.render(_Outer, header="# T\n")
+    page = gen.render(_Outer, header="# T\n", descriptions={"name": "Written in the docs."})
     rows = {line.split("|")[1].strip(): line for line in page.splitlines()
             if line.startswith("| `")}
     assert set(rows) == {"`name`", "`values`", "`inner`", "`inner.count`", "`inner.share`",
@@ -373,12 +379,16 @@ def test_spec_reference_renders_types_defaults_rules_and_comments():
     assert '"duplicate value"' in rows["`values`"]
     assert "(all defaults)" in rows["`inner`"] and "(#inner)" in rows["`inner`"]
     count = rows["`inner.count`"]
-    assert "`3`" in count and "≥ 1" in count and "how many at least one" in count
+    assert "`3`" in count and "≥ 1" in count
     across = page[page.index("## inner"):]
     assert 'Checked across keys:\n\n- "must be <= …"' in across  # a rule without a key
     assert "| in [0, 1] |" in rows["`inner.share`"]  # read from the validator's closure
     assert "Given by Field." in rows["`inner.mode`"] and "str or null" in rows["`inner.mode`"]
     assert "The inner section." in page and "## inner" in page
+    assert "Written in the docs." in rows["`name`"]
+    assert "how many at least one." in rows["`inner.count`"]  # the comments, as a sentence
+    with pytest.raises(KeyError, match="inner.gone"):  # a description of a key that went away
+        gen.render(_Outer, header="# T\n", descriptions={"inner.gone": "stale"})
 
 
 # --- README as a landing page ----------------------------------------------------------------
