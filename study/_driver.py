@@ -193,7 +193,8 @@ def _start_record(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri: s
     """Secrets, the redacted spec, the MLflow parent run and ``study.json`` of a new study."""
     uri = tracking_uri or spec.tracking.uri or sd.mlflow_url
     write_secrets(sd.root, {"tracking_uri": uri, "pruning_storage": spec.pruning.storage})
-    (sd.root / "spec.yaml").write_text(redact_text(spec_text))
+    spec_text = redact_text(spec_text, known=[uri, spec.pruning.storage, tracking_uri])
+    (sd.root / "spec.yaml").write_text(spec_text)
     experiment_id, parent_run_id = open_parent_run(spec, spec_text, sd, uri)
     # Unique per study: two studies sharing one Optuna storage never share twins.
     optuna_study = f"{spec.name}.{parent_run_id[:12]}"
