@@ -112,14 +112,17 @@ def _mirror(spec: StudySpec, sd: StudyDir, study_name: str):  # -> OptunaMirror
     )
 
 
-def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
-                 optuna_study: str):  # -> tune.Tuner
+def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any], optuna_study: str,
+                 *, finished: set[str] | None = None):  # -> tune.Tuner | None
+    """The study's Tuner. ``finished``: trial ids that ended before a restart of the Tune
+    experiment (``_restore_or_restart``); they are not run again, and TPE goes on from the
+    trials it already asked for. None when nothing is left to run."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from study._pruning import OptunaPruningScheduler
     from study._results import StudyRecorder
-    from study._search import OptunaTPESearcher
+    from study._search import OptunaTPESearcher, tpe_history
     from workers._trainable import run_trial
 
     mirror = _mirror(spec, sd, optuna_study)
@@ -127,18 +130,29 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
     r = spec.resources
     trainable = tune.with_resources(run_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
     if spec.search.kind == "tpe":
+        assert spec.search.n_trials is not None
         configs = []
+        n_asked, requeue = 0, []
+        if finished is not None:
+            n_asked, requeue = tpe_history(mirror, _trial_rows(sd), spec.base_config(), finished)
+        n_samples = len(requeue) + max(0, spec.search.n_trials - n_asked)
+        if n_samples == 0:
+            return None
         searcher = OptunaTPESearcher(mirror, spec.base_config(), seeds=list(spec.seeds),
                                      n_trials=spec.search.n_trials, extra={"study": context},
-                                     metric=spec.objective.key, mode=spec.objective.mode)
+                                     metric=spec.objective.key, mode=spec.objective.mode,
+                                     start_index=n_asked, requeue=requeue)
         param_space: dict[str, Any] = {}
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                      num_samples=spec.search.n_trials,
+                                      num_samples=n_samples,
                                       max_concurrent_trials=r.max_concurrent_trials,
                                       reuse_actors=True)
     else:
         configs = spec.grid_configs()
-        param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]),
+        to_run = [c for c in configs if c.trial_id not in (finished or set())]
+        if not to_run:
+            return None
+        param_space = {"trial": tune.grid_search([c.to_dict() for c in to_run]),
                        "study": context}
         tune_config = tune.TuneConfig(scheduler=scheduler,
                                       max_concurrent_trials=r.max_concurrent_trials,
@@ -323,10 +337,35 @@ def _restore_or_restart(sd: StudyDir, meta: dict[str, Any], spec: StudySpec,
         aside = sd.root / f"tune.broken-{int(time.time())}"
         shutil.move(str(sd.tune_dir), aside)
         problem += f"; moved to {aside.name}"
+    finished = finished_trials(sd)
     log.warning("Tune's saved state in %s: %s. Starting the Tune experiment again inside this "
-                "study: finished trials are skipped, unfinished ones start from step 0.",
-                sd.tune_dir, problem)
-    return _build_tuner(spec, sd, _context(sd, meta), optuna_study)
+                "study: the %d finished trials are kept as they are, the unfinished ones start "
+                "again from step 0.", sd.tune_dir, problem, len(finished))
+    return _build_tuner(spec, sd, _context(sd, meta), optuna_study, finished=finished)
+
+
+def _trial_rows(sd: StudyDir) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    path = sd.root / "trials.parquet"
+    try:
+        return pq.read_table(path).to_pylist() if path.is_file() else []
+    except Exception as exc:  # a damaged record: nothing counts as finished, all run again
+        log.warning("%s is unreadable (%s)", path, exc)
+        return []
+
+
+def finished_trials(sd: StudyDir) -> set[str]:
+    """Trials recorded as over for good: completed, pruned, or failed in a way that would fail
+    again (``workers._trainable.DETERMINISTIC_ERRORS``, recorded as ``"<Type>: message"``).
+    Other failures are retried by a resume, as Tune's restore retries errored trials."""
+    from workers._trainable import DETERMINISTIC_ERRORS
+
+    deterministic = {cls.__name__ for cls in DETERMINISTIC_ERRORS}
+    return {row["trial_id"] for row in _trial_rows(sd)
+            if row["status"] in ("completed", "pruned")
+            or row["status"] == "error"
+            and str(row.get("error") or "").split(":", 1)[0] in deterministic}
 
 
 def _tune_state_problem(sd: StudyDir) -> str | None:
@@ -381,7 +420,11 @@ def _fit(sd: StudyDir, meta: dict[str, Any], we_started_ray: bool,
         raise StudyError(str(exc)) from None
     status = "interrupted"
     try:
-        make_tuner().fit()
+        tuner = make_tuner()
+        if tuner is not None:
+            tuner.fit()
+        else:
+            log.warning("every trial of the study has already finished: nothing to run")
         status = _ended_as(trial_counts(sd, meta["n_trials"]), meta["n_trials"])
     except Exception:  # KeyboardInterrupt passes through as "interrupted"
         status = "failed"

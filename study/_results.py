@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from optuna.trial import TrialState
 from ray.tune import Callback
+from ray.tune.result import SHOULD_CHECKPOINT
 
 from study._optuna_bridge import OptunaMirror
 from study._store import PartWriter, StudyDir, Throttle, read_parts, write_table
@@ -137,7 +138,10 @@ class StudyRecorder(Callback):
             self._final_value[config.trial_id] = ev.valid.get(self.objective[0], math.nan)
         row.update(status="running", last_step=ev.step, node_ip=result.get("node_ip"),
                    mlflow_run_id=result.get("mlflow_run_id") or row.get("mlflow_run_id"))
-        if self._flush_due():
+        # A result with a checkpoint: Tune registers that checkpoint right after this hook and
+        # then saves its experiment state, from which a killed driver resumes the trial past
+        # this step. Every buffered row must be on disk before that (DESIGN §4: nothing lost).
+        if result.get(SHOULD_CHECKPOINT) or self._flush_due():
             self.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

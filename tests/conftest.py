@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from _postgres import PostgresServer
-from _services import MlflowServer, RayCluster  # tests/ is on sys.path (rootdir conftest)
+from _services import LOCAL_RAY, MlflowServer, RayCluster  # tests/ is on sys.path (rootdir conftest)
 
 SERVICE_FIXTURES = ("ray_cluster", "mlflow_server", "postgres")
 
@@ -65,3 +65,17 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
     stack's postgres service before its init script; `postgres.url(db)` for SQLAlchemy."""
     with PostgresServer(tmp_path_factory.mktemp("postgres"), databases=("mlflow",)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """Embedded Ray in this test process (2 CPUs), started once for every test that drives a
+    study in-process (``run_study``/``resume_study`` use the Ray they find). A test that needs
+    this process connected elsewhere shuts it down first and calls ``restart_local_ray()``
+    after (``tests/test_services_smoke.py``)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
+    yield
+    ray.shutdown()

@@ -33,15 +33,6 @@ SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def child_runs(meta: dict) -> list:
     client = MlflowClient(meta["tracking_uri"])
     runs = client.search_runs([meta["experiment_id"]],
