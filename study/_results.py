@@ -155,6 +155,11 @@ class StudyRecorder(Callback):
             row.update(status="error", error=str(last[ERROR_KEY])[:4000])
         elif self.mirror.state_of(config.trial_id) == TrialState.PRUNED:
             row.update(status="pruned", pruned_at_step=row.get("last_step"))
+        elif last.get("final") and _is_nan(last.get(f"valid/{self.objective[0]}")):
+            # Optuna cannot hold a NaN objective (its twin FAILs): the same outcome here
+            row.update(status="error", error=f"completed, but its final valid/"
+                       f"{self.objective[0]} is {last.get(f'valid/{self.objective[0]}')}: "
+                       "no objective value to compare")
         elif last.get("final"):
             row.update(status="completed")
         else:
@@ -247,6 +252,11 @@ class StudyRecorder(Callback):
         finite = [(tid, v) for tid, v in self._final_value.items() if math.isfinite(v)]
         pick = max if self.objective[1] == "max" else min
         return pick(finite, key=lambda item: item[1]) if finite else None
+
+
+def _is_nan(value: Any) -> bool:
+    """NaN, or not a number at all (a missing objective)."""
+    return not isinstance(value, (int, float)) or math.isnan(value)
 
 
 def _error_text(trial: Any) -> str:

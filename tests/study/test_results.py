@@ -78,3 +78,13 @@ def test_rows_of_a_checkpointed_result_are_on_disk_before_tune_registers_it(tmp_
     rec.on_trial_result(0, [], t, {**result(15, -2.6), "should_checkpoint": True})
     # the driver is SIGKILLed here: nothing else of the recorder runs
     assert _steps_on_disk(tmp_path) == [5, 10, 15]
+
+
+def test_a_trial_ending_with_a_nan_objective_is_an_error_as_its_optuna_twin_fails(tmp_path):
+    rec = recorder(tmp_path)
+    done = trial(CONFIGS[0], last=result(10, float("nan"), final=True))
+    rec.on_trial_start(0, [], done)
+    rec.on_trial_result(0, [], done, result(10, float("nan"), final=True))
+    rec.on_trial_complete(0, [], done)
+    row = rec.trials["t0"]
+    assert row["status"] == "error" and "valid/elbo is nan" in row["error"]
