@@ -30,7 +30,15 @@ from study._status import (
     study_status,
     trial_counts,
 )
-from study._store import LOCK_FILE, StudyDir, StudyLock, StudyLocked, now_iso
+from study._store import (
+    LOCK_FILE,
+    StudyDir,
+    StudyLock,
+    StudyLocked,
+    describe_holder,
+    lock_holder,
+    now_iso,
+)
 from workers._secrets import redact_text, redact_url, reveal, write_secrets
 
 if TYPE_CHECKING:
@@ -64,6 +72,7 @@ class StudySummary:
     tracking_uri: str
     parent_run_id: str
     status: str = "finished"  # finished | interrupted | failed
+    ran: bool = True  # False: `run` found this study already finished with the same spec
 
 
 # --- Ray Tune ---------------------------------------------------------------------------------
@@ -174,15 +183,26 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any], optuna_
 
 # --- public entry points ----------------------------------------------------------------------
 def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path,
-              address: str | None = None, tracking_uri: str | None = None) -> StudySummary:
-    """Run a study to the end in a new study directory (see ``study._store``)."""
+              address: str | None = None, tracking_uri: str | None = None,
+              overwrite: bool = False) -> StudySummary:
+    """Run a study to the end in a new study directory (see ``study._store``).
+
+    A directory that already holds this study, finished, from the same spec: nothing is run
+    (the summary says ``ran=False``), so a script that runs a study and then reports it can be
+    run again. ``overwrite``: a study the directory holds is deleted first (under its lock).
+
+    Raises:
+        StudyError: the directory holds another study, or this one unfinished (the message
+            says what to do), or another driver holds it.
+    """
     sd = StudyDir(Path(study_dir).resolve())
-    if sd.exists():
-        raise StudyError(f"--study-dir: {str(sd.root)!r} already holds a study; continue it with "
-                         f"`klstudy resume {sd.root}` or choose another directory")
+    if sd.exists() and not overwrite:
+        return _already_there(sd, spec)
     created = not sd.root.exists()
     sd.root.mkdir(parents=True, exist_ok=True)
     with _locked(sd, "klstudy run"):
+        if overwrite and sd.exists():
+            _clear(sd)
         try:
             we_started_ray = connect(sd.root, address)
         except StudyError:  # refused before anything was written: leave no study behind
@@ -200,6 +220,52 @@ def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path,
             raise
         return _fit(sd, meta, we_started_ray,
                     lambda: _build_tuner(spec, sd, _context(sd, meta), optuna_study))
+
+
+def _already_there(sd: StudyDir, spec: StudySpec) -> StudySummary:
+    """The summary of the finished study ``spec`` in ``sd``; else a StudyError that says what
+    to do instead."""
+    meta = read_meta_checked(sd, "run")
+    root, name, status = str(sd.root), meta.get("name", "?"), meta.get("status", "?")
+    holder = lock_holder(sd)
+    if holder is not None:
+        raise StudyError(f"study dir {root!r} is in use by {describe_holder(holder)}; wait for "
+                         "it to end or stop that process")
+    changed = _spec_changes(meta.get("spec") or {}, _redacted_spec(spec))
+    if status == "finished" and not changed:
+        log.info("study %r in %s already finished: nothing to run", name, root)
+        return dataclasses.replace(_summarise(sd, meta, 0.0), ran=False)
+    if changed:
+        what = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3
+                                         else "")
+        raise StudyError(f"--study-dir: {root!r} holds study {name!r} ({status}) run from another "
+                         f"spec ({what} differ); choose a new --study-dir, or replace that "
+                         "study with --overwrite")
+    counts = trial_counts(sd, meta["n_trials"])
+    left = counts.get("pending", 0) + counts.get("running", 0)
+    raise StudyError(f"--study-dir: {root!r} holds study {name!r}, {status} with {left} of "
+                     f"{meta['n_trials']} trials unfinished; continue it with `klstudy resume "
+                     f"{root}`, or start it afresh with --overwrite")
+
+
+def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two resolved specs."""
+    from study._parent_run import flatten
+
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _clear(sd: StudyDir) -> None:
+    """Delete the study ``sd`` holds (everything in the directory but the lock we hold)."""
+    log.warning("--overwrite: deleting the study in %s", sd.root)
+    for entry in sd.root.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _start_record(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri: str | None,
@@ -270,8 +336,10 @@ def resume_study(study_dir: str | Path, *, address: str | None = None,
     with _locked(sd, "klstudy resume"):
         meta = read_meta_checked(sd, "resume")
         if meta.get("status") == "finished":
-            raise StudyError(f"resume: study {meta['name']!r} in {str(sd.root)!r} already "
-                             "finished")
+            raise StudyError(
+                f"resume: study {meta['name']!r} in {str(sd.root)!r} already finished, nothing "
+                f"to resume; its report: `klstudy report {sd.root}`; to run it again: `klstudy "
+                f"run SPEC --study-dir {sd.root} --overwrite` (or a new --study-dir)")
         spec = _spec_from_meta(meta)
         for stale in [*sd.root.glob("evaluations/part-*.tmp"),
                       *sd.root.glob("latents/part-*.tmp")]:

@@ -138,9 +138,31 @@ def test_status_reads_the_directory(grid_study: Path) -> None:
     assert status["best_trial"] is not None
 
 
-def test_run_refuses_an_existing_study_dir(grid_study: Path) -> None:
-    with pytest.raises(StudyError, match="already holds a study; continue it with `klstudy resume"):
-        run_study(parse_spec(SPEC), "", study_dir=grid_study)
+def test_run_again_on_the_finished_study_runs_nothing(grid_study: Path) -> None:
+    meta = json.loads((grid_study / "study.json").read_text())
+    summary = run_study(parse_spec(SPEC), "", study_dir=grid_study)
+    assert summary.ran is False and summary.status == "finished"
+    assert summary.parent_run_id == meta["parent_run_id"]
+    assert json.loads((grid_study / "study.json").read_text()) == meta
+    with pytest.raises(StudyError, match="run from another spec .*--overwrite"):
+        run_study(parse_spec({**SPEC, "seeds": [0]}), "", study_dir=grid_study)
+
+
+def test_overwrite_replaces_a_study_with_a_fresh_run(ray_local, tmp_path: Path) -> None:
+    spec = {**SPEC, "name": "again", "train": {"total_steps": 40, "eval_every_steps": 20,
+                                               "iw_samples": 0},
+            "schedule": {"n_cycles": [1], "ratio": [0.5]}, "seeds": [0],
+            "pruning": {"pruner": "none"}}
+    study_dir = tmp_path / "again"
+    first = run_study(parse_spec(spec), yaml.safe_dump(spec), study_dir=study_dir)
+    (study_dir / "tune" / "stale-marker").write_text("from the first run")
+    second = run_study(parse_spec(spec), yaml.safe_dump(spec), study_dir=study_dir,
+                       overwrite=True)
+    assert second.ran and second.status == "finished"
+    assert second.parent_run_id != first.parent_run_id
+    assert not (study_dir / "tune" / "stale-marker").exists()
+    runs = child_runs(json.loads((study_dir / "study.json").read_text()))
+    assert len(runs) == 1  # the new store holds the new study only
 
 
 def test_resume_refuses_a_finished_study(grid_study: Path) -> None:
