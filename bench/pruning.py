@@ -259,8 +259,8 @@ def order_section(rows: list[dict[str, Any]]) -> list[str]:
         "Last column: over all 720 orders, those in which C and F (both after the first two "
         "trials) end differently — what remains there is the small reference of the early "
         "decisions (2–4 values), not the survivor drift.", "",
-        markdown_table(["policy", "pruned (order A…F)", "C and F alike", "orders splitting C, F"],
-                       table), "",
+        markdown_table(["policy", "pruned (order A…F)", "C and F alike",
+                        "orders splitting C, F"], table), "",
     ]
 
 

@@ -1,4 +1,4 @@
-"""pydantic's ``ValidationError`` → :class:`SpecError`\ s that name the key and the value.
+"""pydantic's ``ValidationError`` → SpecErrors that name the key and the value.
 
 Every problem of a spec is reported at once (``SpecError.problems``: one per key, unknown keys
 first, as they often explain the others); ``str()`` of the error raised is the first problem.
