@@ -11,6 +11,7 @@ recorded reason), ``interrupted`` (Ctrl-C, or trials left unfinished: resumable)
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -409,7 +410,29 @@ def _restore_or_restart(sd: StudyDir, meta: dict[str, Any], spec: StudySpec,
     log.warning("Tune's saved state in %s: %s. Starting the Tune experiment again inside this "
                 "study: the %d finished trials are kept as they are, the unfinished ones start "
                 "again from step 0.", sd.tune_dir, problem, len(finished))
-    return _build_tuner(spec, sd, _context(sd, meta), optuna_study, finished=finished)
+    from workers._trainable import FINAL_RESULTS_KEY
+
+    context = {**_context(sd, meta), FINAL_RESULTS_KEY: earlier_final_results(sd)}
+    return _build_tuner(spec, sd, context, optuna_study, finished=finished)
+
+
+def earlier_final_results(sd: StudyDir) -> dict[str, str]:
+    """{trial id: path of its final_result.json} in the study's earlier Tune experiments
+    (``tune.broken-*``): a trial that ended there while no driver recorded it (killed between
+    the trial's end and its record) is re-reported by its worker from there, not trained
+    again. The newest of several wins; a half-written file is left out."""
+    from workers._trainable import FINAL_RESULT_FILE
+
+    found: dict[str, tuple[float, str]] = {}
+    for path in sd.root.glob(f"tune.broken-*/run_trial_*/checkpoint_*/{FINAL_RESULT_FILE}"):
+        try:
+            result = json.loads(path.read_text())
+            trial_id, mtime = str(result["klstudy_trial_id"]), path.stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if result.get("final") and mtime >= found.get(trial_id, (-1.0, ""))[0]:
+            found[trial_id] = (mtime, str(path))
+    return {tid: path for tid, (_, path) in found.items()}
 
 
 def _trial_rows(sd: StudyDir) -> list[dict[str, Any]]:
@@ -438,8 +461,6 @@ def finished_trials(sd: StudyDir) -> set[str]:
 
 def _tune_state_problem(sd: StudyDir) -> str | None:
     """Why Tune's saved experiment state cannot be restored, or None when it looks whole."""
-    import json
-
     from ray import tune
 
     if not sd.tune_dir.is_dir():

@@ -149,6 +149,8 @@ class OptunaPruningScheduler(FIFOScheduler):
         trial_id = result.get(TRIAL_KEY) or trial.config["trial"]["trial_id"]
         if "step" not in result or result.get("klstudy_error"):
             return TrialScheduler.CONTINUE  # a failure report: on_trial_complete tells Optuna
+        if result.get("replayed") and not result.get("final"):
+            return TrialScheduler.CONTINUE  # re-reported from a final checkpoint: judged before
         if self._never_prunes:
             # Nothing can be pruned: only the twin is needed (its final value comes with
             # on_trial_complete). Reporting every evaluation to the Optuna storage cost each

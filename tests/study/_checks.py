@@ -54,25 +54,48 @@ def assert_rows_exactly_once(study_dir: Path, train: dict[str, Any]) -> None:
                                       f"extra or twice {extra[:12]} (of {len(extra)})"
 
 
-def _result_files(study_dir: Path) -> list[Path]:
-    # a restarted Tune experiment moves the old one to tune.broken-*
+def study_result_files(study_dir: Path) -> list[Path]:
+    """The Tune result files in the study directory (a restarted experiment moves the old one to
+    ``tune.broken-*``). Tune writes them on the driver and syncs them here later: a driver
+    killed before a sync leaves its latest results only in its staging directory."""
     return sorted(study_dir.glob("tune*/run_trial_*/result.json"))
 
 
+def staging_result_files(ray_tmp: Path) -> list[Path]:
+    """The Tune result files a driver wrote into its Ray session (started with
+    ``RAY_TMPDIR=ray_tmp``): every result it received, also when it was killed."""
+    return sorted(ray_tmp.glob("ray/session_*/artifacts/*/*/driver_artifacts/run_trial_*/"
+                               "result.json"))
+
+
 def snapshot(study_dir: Path) -> dict[Path, int]:
-    """How many results each Tune result file holds now (what a later check compares with)."""
+    """How many results each Tune result file of the study holds now (for a driver that ends
+    normally: its results are all synced when it returns)."""
     return {path: len([ln for ln in path.read_text().splitlines() if ln.strip()])
-            for path in _result_files(study_dir)}
+            for path in study_result_files(study_dir)}
 
 
-def trial_results(study_dir: Path, since: dict[Path, int] | None = None
-                  ) -> dict[str, list[dict[str, Any]]]:
-    """Every result each trial reported to Tune, in every Tune experiment the study had; with
-    ``since`` (a :func:`snapshot`), only those reported after it."""
+def result_lines(study_dir: Path) -> set[str]:
+    """Every result line in the study's Tune result files now. Tune copies a restored trial's
+    ``result.json`` from the study directory into the new driver's staging directory before
+    appending to it: these lines are there, but that driver did not report them."""
+    return {ln for path in study_result_files(study_dir)
+            for ln in path.read_text().splitlines() if ln.strip()}
+
+
+def trial_results(files: list[Path], since: dict[Path, int] | None = None, *,
+                  earlier: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every result each trial reported in ``files``; with ``since`` (a :func:`snapshot`), only
+    those after it; with ``earlier`` (:func:`result_lines` before a driver started), none of
+    those. A result in several files (a staging copy and its sync) counts once."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for path in _result_files(study_dir):
+    seen: set[str] = set(earlier or ())
+    for path in files:
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         for line in lines[(since or {}).get(path, 0):]:
+            if line in seen:
+                continue
+            seen.add(line)
             result = json.loads(line)
             tid = result.get("klstudy_trial_id")
             if tid and "step" in result:
@@ -80,23 +103,22 @@ def trial_results(study_dir: Path, since: dict[Path, int] | None = None
     return out
 
 
-def trained_steps(study_dir: Path, since: dict[Path, int] | None = None) -> dict[str, Counter]:
-    """{trial: {step: how many times it was trained and reported}}; a replayed final result
-    (a trial restored from its final checkpoint reports it again without training) is not
-    training."""
+def trained_steps(files: list[Path], since: dict[Path, int] | None = None, *,
+                  earlier: set[str] | None = None) -> dict[str, Counter]:
+    """{trial: {step: how many times it was trained and reported}}; a result replayed from a
+    final checkpoint (re-reported without training) is not training."""
     return {tid: Counter(r["step"] for r in results if not r.get("replayed"))
-            for tid, results in trial_results(study_dir, since).items()}
+            for tid, results in trial_results(files, since, earlier=earlier).items()}
 
 
-def assert_not_trained_again(study_dir: Path, trial_ids: set[str],
-                             since: dict[Path, int] | None = None) -> None:
-    """These trials (finished before a kill) trained no step twice; with ``since`` (a
-    :func:`snapshot` taken before the resume, valid also when the Tune state was deleted
-    after it), trained nothing at all after it."""
+def assert_not_trained_again(files: list[Path], trial_ids: set[str], *,
+                             since: dict[Path, int] | None = None,
+                             earlier: set[str] | None = None) -> None:
+    """These trials (finished before a driver started) trained nothing in ``files`` (that
+    driver's results: after ``since``, or other than the ``earlier`` lines)."""
     assert trial_ids, "no finished trial to check"
-    steps = trained_steps(study_dir, since)
-    limit = 0 if since is not None else 1
-    again = {tid: sorted(s for s, n in steps.get(tid, Counter()).items() if n > limit)
+    steps = trained_steps(files, since, earlier=earlier)
+    again = {tid: sorted(s for s, n in steps.get(tid, Counter()).items() if n > 0)
              for tid in trial_ids}
     again = {tid: s for tid, s in again.items() if s}
     assert not again, f"finished trials trained again at steps {again}"

@@ -415,3 +415,16 @@ def test_a_restored_scheduler_knows_a_trial_was_fixed_before_the_minimum_share(t
     assert m.find("c").intermediate_values == {}
     restored.on_trial_result(None, trial, at(700))
     assert m.find("c").intermediate_values == {700: -1.0}
+
+
+def test_results_replayed_from_a_final_checkpoint_are_never_judged(tmp_path) -> None:
+    """A restored worker re-reports a finished trial's evaluations: none is judged again."""
+    m = mirror(tmp_path, n_startup_trials=2)
+    sched = scheduler(m, phase_aware=False)
+    complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
+    complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
+    done = fake_trial("c")
+    for step in (10, 20):
+        replayed = {**result(step, -50.0), "replayed": True}
+        assert sched.on_trial_result(None, done, replayed) == TrialScheduler.CONTINUE
+    assert m.find("c") is None or m.find("c").intermediate_values == {}

@@ -15,7 +15,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from _checks import assert_not_trained_again, assert_rows_exactly_once, snapshot, trials
+from _checks import (
+    assert_not_trained_again,
+    assert_rows_exactly_once,
+    snapshot,
+    study_result_files,
+    trials,
+)
 from mlflow.tracking import MlflowClient
 
 from study._driver import resume_study, run_study
@@ -79,7 +85,7 @@ def test_a_restarted_grid_study_does_not_train_finished_trials_again(ray_local,
     assert summary.status == "finished", summary
     table = trials(study_dir)
     assert len(table) == 6 and set(table["status"]) == {"completed"}
-    assert_not_trained_again(study_dir, done, since=before)
+    assert_not_trained_again(study_result_files(study_dir), done, since=before)
     assert_rows_exactly_once(study_dir, TRAIN)
     runs = child_runs(study_dir)
     assert sorted(runs) == sorted(table.index)  # one run per trial, none duplicated
@@ -98,7 +104,7 @@ def test_a_restarted_tpe_study_goes_on_from_its_history(ray_local, tmp_path, mon
     table = trials(study_dir)
     assert sorted(t[:7] for t in table.index) == [f"tpe{i:04d}" for i in range(5)]
     assert set(table["status"]) == {"completed"}
-    assert_not_trained_again(study_dir, done, since=before)
+    assert_not_trained_again(study_result_files(study_dir), done, since=before)
     assert_rows_exactly_once(study_dir, TRAIN)
     meta = json.loads((study_dir / "study.json").read_text())
     twins = optuna.load_study(study_name=meta["optuna_study"],
