@@ -94,12 +94,18 @@ def _train_config(args: argparse.Namespace):  # -> TrialConfig
     return config
 
 
+def _format_mi(mi: float) -> str:
+    """I(z; x) ≥ 0; its Monte-Carlo estimate (He et al. 2019) scatters around 0 when z carries
+    nothing, so a negative estimate is shown as ``~0`` (``--json`` keeps the estimate)."""
+    return "~0" if mi < 0 else f"{mi:.3f}"
+
+
 def _format_evaluation(ev, total_steps: int) -> str:
     v, t = ev.valid, ev.train
     line = (
         f"step {ev.step:>{len(str(total_steps))}}/{total_steps}  beta {t['beta']:.3f}  "
         f"loss {t['loss']:.3f}  valid: rec {v['rec']:.3f} kl {v['kl']:.3f} elbo {v['elbo']:.3f} "
-        f"ppl {v['ppl']:.2f} au {v['au']:.0f} mi {v['mi']:.3f}"
+        f"ppl {v['ppl']:.2f} au {v['au']:.0f} mi {_format_mi(v['mi'])}"
     )
     if "iw_nll" in v:
         line += f" iw_nll {v['iw_nll']:.3f}"
