@@ -260,6 +260,7 @@ def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _clear(sd: StudyDir) -> None:
     """Delete the study ``sd`` holds (everything in the directory but the lock we hold)."""
     log.warning("--overwrite: deleting the study in %s", sd.root)
+    _forget_sqlite_engines(sd.root)
     for entry in sd.root.iterdir():
         if entry.name == LOCK_FILE:
             continue
@@ -267,6 +268,22 @@ def _clear(sd: StudyDir) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def _forget_sqlite_engines(root: Path) -> None:
+    """MLflow keeps one SQLAlchemy engine per store URI in the process: after the study's
+    ``mlflow.db`` is deleted, a cached engine would write to the deleted file ("readonly
+    database"). Drop the engines of sqlite stores under ``root`` (a run_study called again in
+    the same process, e.g. from Python or a notebook)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engines = SqlAlchemyStore._engine_map
+        with SqlAlchemyStore._engine_map_lock:
+            for uri in [u for u in engines if u.startswith("sqlite:") and str(root) in u]:
+                engines.pop(uri).dispose()
+    except (ImportError, AttributeError):  # another MLflow: nothing cached that we know of
+        pass
 
 
 def _start_record(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri: str | None,
