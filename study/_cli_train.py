@@ -15,26 +15,34 @@ _CHECKPOINT_EVERY_S = 30.0
 
 # --- klstudy train ----------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one trial (no Ray), printing each evaluation")
-    p.add_argument("--model", choices=["toy", "lstm_text"], default="toy")
+    p = sub.add_parser("train", help="train one trial (no Ray), printing each evaluation",
+                       description="Train one trial without Ray, printing each evaluation; "
+                       "--json prints the final validation metrics as the last line.")
+    p.add_argument("--model", choices=["toy", "lstm_text"], default="toy",
+                   help="the VAE: the paper's toy (2-layer LSTM 64, z in R^2) or a text VAE")
     p.add_argument("--data", default="toy",
                    help="toy | ptb | a directory of train/valid/test .txt")
     p.add_argument("--n-cycles", type=int, default=4, help="M, number of β cycles")
     p.add_argument("--ratio", type=float, default=0.5,
                    help="R, proportion of a cycle spent ramping")
-    p.add_argument("--ramp", choices=["linear", "sigmoid", "cosine"], default="linear")
-    p.add_argument("--beta-max", type=float, default=1.0)
-    p.add_argument("--total-steps", type=int, default=4000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ramp", choices=["linear", "sigmoid", "cosine"], default="linear",
+                   help="f, the shape of β's ramp from 0 to β_max")
+    p.add_argument("--beta-max", type=float, default=1.0, help="β in the fixing stage")
+    p.add_argument("--total-steps", type=int, default=4000, help="T, optimizer steps")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initialisation and data order (evaluation has its own seeded stream)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 10 (toy), 32 (text)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=["constant", "cyclical_cosine"], default="constant")
-    p.add_argument("--grad-clip", type=float, default=5.0)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--lr-schedule", choices=["constant", "cyclical_cosine"], default="constant",
+                   help="cyclical_cosine restarts a cosine decay with each β cycle")
+    p.add_argument("--grad-clip", type=float, default=5.0,
+                   help="max L2 norm of the gradient (0: no clipping)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps; default: total/10 (intermediate ones on 250 valid sentences)")
     p.add_argument("--iw-samples", type=int, default=100,
                    help="K of the final IW-NLL (within a budget of T*batch/4 rows); 0 skips")
-    p.add_argument("--max-train-sentences", type=int, default=None)
+    p.add_argument("--max-train-sentences", type=int, default=None,
+                   help="use only the first N training sentences (default: all)")
     p.add_argument("--max-vocab", type=int, default=None,
                    help="keep the most frequent train words (4 specials included)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -86,12 +94,18 @@ def _train_config(args: argparse.Namespace):  # -> TrialConfig
     return config
 
 
+def _format_mi(mi: float) -> str:
+    """I(z; x) ≥ 0; its Monte-Carlo estimate (He et al. 2019) scatters around 0 when z carries
+    nothing, so a negative estimate is shown as ``~0`` (``--json`` keeps the estimate)."""
+    return "~0" if mi < 0 else f"{mi:.3f}"
+
+
 def _format_evaluation(ev, total_steps: int) -> str:
     v, t = ev.valid, ev.train
     line = (
         f"step {ev.step:>{len(str(total_steps))}}/{total_steps}  beta {t['beta']:.3f}  "
         f"loss {t['loss']:.3f}  valid: rec {v['rec']:.3f} kl {v['kl']:.3f} elbo {v['elbo']:.3f} "
-        f"ppl {v['ppl']:.2f} au {v['au']:.0f} mi {v['mi']:.3f}"
+        f"ppl {v['ppl']:.2f} au {v['au']:.0f} mi {_format_mi(v['mi'])}"
     )
     if "iw_nll" in v:
         line += f" iw_nll {v['iw_nll']:.3f}"

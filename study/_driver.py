@@ -11,6 +11,7 @@ recorded reason), ``interrupted`` (Ctrl-C, or trials left unfinished: resumable)
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -30,7 +31,15 @@ from study._status import (
     study_status,
     trial_counts,
 )
-from study._store import LOCK_FILE, StudyDir, StudyLock, StudyLocked, now_iso
+from study._store import (
+    LOCK_FILE,
+    StudyDir,
+    StudyLock,
+    StudyLocked,
+    describe_holder,
+    lock_holder,
+    now_iso,
+)
 from workers._secrets import redact_text, redact_url, reveal, write_secrets
 
 if TYPE_CHECKING:
@@ -64,6 +73,7 @@ class StudySummary:
     tracking_uri: str
     parent_run_id: str
     status: str = "finished"  # finished | interrupted | failed
+    ran: bool = True  # False: `run` found this study already finished with the same spec
 
 
 # --- Ray Tune ---------------------------------------------------------------------------------
@@ -112,14 +122,17 @@ def _mirror(spec: StudySpec, sd: StudyDir, study_name: str):  # -> OptunaMirror
     )
 
 
-def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
-                 optuna_study: str):  # -> tune.Tuner
+def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any], optuna_study: str,
+                 *, finished: set[str] | None = None):  # -> tune.Tuner | None
+    """The study's Tuner. ``finished``: trial ids that ended before a restart of the Tune
+    experiment (``_restore_or_restart``); they are not run again, and TPE goes on from the
+    trials it already asked for. None when nothing is left to run."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from study._pruning import OptunaPruningScheduler
     from study._results import StudyRecorder
-    from study._search import OptunaTPESearcher
+    from study._search import OptunaTPESearcher, tpe_history
     from workers._trainable import run_trial
 
     mirror = _mirror(spec, sd, optuna_study)
@@ -127,18 +140,29 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
     r = spec.resources
     trainable = tune.with_resources(run_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
     if spec.search.kind == "tpe":
+        assert spec.search.n_trials is not None
         configs = []
+        n_asked, requeue = 0, []
+        if finished is not None:
+            n_asked, requeue = tpe_history(mirror, _trial_rows(sd), spec.base_config(), finished)
+        n_samples = len(requeue) + max(0, spec.search.n_trials - n_asked)
+        if n_samples == 0:
+            return None
         searcher = OptunaTPESearcher(mirror, spec.base_config(), seeds=list(spec.seeds),
                                      n_trials=spec.search.n_trials, extra={"study": context},
-                                     metric=spec.objective.key, mode=spec.objective.mode)
+                                     metric=spec.objective.key, mode=spec.objective.mode,
+                                     start_index=n_asked, requeue=requeue)
         param_space: dict[str, Any] = {}
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                      num_samples=spec.search.n_trials,
+                                      num_samples=n_samples,
                                       max_concurrent_trials=r.max_concurrent_trials,
                                       reuse_actors=True)
     else:
         configs = spec.grid_configs()
-        param_space = {"trial": tune.grid_search([c.to_dict() for c in configs]),
+        to_run = [c for c in configs if c.trial_id not in (finished or set())]
+        if not to_run:
+            return None
+        param_space = {"trial": tune.grid_search([c.to_dict() for c in to_run]),
                        "study": context}
         tune_config = tune.TuneConfig(scheduler=scheduler,
                                       max_concurrent_trials=r.max_concurrent_trials,
@@ -160,15 +184,26 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any],
 
 # --- public entry points ----------------------------------------------------------------------
 def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path,
-              address: str | None = None, tracking_uri: str | None = None) -> StudySummary:
-    """Run a study to the end in a new study directory (see ``study._store``)."""
+              address: str | None = None, tracking_uri: str | None = None,
+              overwrite: bool = False) -> StudySummary:
+    """Run a study to the end in a new study directory (see ``study._store``).
+
+    A directory that already holds this study, finished, from the same spec: nothing is run
+    (the summary says ``ran=False``), so a script that runs a study and then reports it can be
+    run again. ``overwrite``: a study the directory holds is deleted first (under its lock).
+
+    Raises:
+        StudyError: the directory holds another study, or this one unfinished (the message
+            says what to do), or another driver holds it.
+    """
     sd = StudyDir(Path(study_dir).resolve())
-    if sd.exists():
-        raise StudyError(f"--study-dir: {str(sd.root)!r} already holds a study; continue it with "
-                         f"`klstudy resume {sd.root}` or choose another directory")
+    if sd.exists() and not overwrite:
+        return _already_there(sd, spec)
     created = not sd.root.exists()
     sd.root.mkdir(parents=True, exist_ok=True)
     with _locked(sd, "klstudy run"):
+        if overwrite and sd.exists():
+            _clear(sd)
         try:
             we_started_ray = connect(sd.root, address)
         except StudyError:  # refused before anything was written: leave no study behind
@@ -188,12 +223,76 @@ def run_study(spec: StudySpec, spec_text: str, *, study_dir: str | Path,
                     lambda: _build_tuner(spec, sd, _context(sd, meta), optuna_study))
 
 
+def _already_there(sd: StudyDir, spec: StudySpec) -> StudySummary:
+    """The summary of the finished study ``spec`` in ``sd``; else a StudyError that says what
+    to do instead."""
+    meta = read_meta_checked(sd, "run")
+    root, name, status = str(sd.root), meta.get("name", "?"), meta.get("status", "?")
+    holder = lock_holder(sd)
+    if holder is not None:
+        raise StudyError(f"study dir {root!r} is in use by {describe_holder(holder)}; wait for "
+                         "it to end or stop that process")
+    changed = _spec_changes(meta.get("spec") or {}, _redacted_spec(spec))
+    if status == "finished" and not changed:
+        log.info("study %r in %s already finished: nothing to run", name, root)
+        return dataclasses.replace(_summarise(sd, meta, 0.0), ran=False)
+    if changed:
+        what = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3
+                                         else "")
+        raise StudyError(f"--study-dir: {root!r} holds study {name!r} ({status}) run from another "
+                         f"spec ({what} differ); choose a new --study-dir, or replace that "
+                         "study with --overwrite")
+    counts = trial_counts(sd, meta["n_trials"])
+    left = counts.get("pending", 0) + counts.get("running", 0)
+    raise StudyError(f"--study-dir: {root!r} holds study {name!r}, {status} with {left} of "
+                     f"{meta['n_trials']} trials unfinished; continue it with `klstudy resume "
+                     f"{root}`, or start it afresh with --overwrite")
+
+
+def _spec_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two resolved specs."""
+    from study._parent_run import flatten
+
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _clear(sd: StudyDir) -> None:
+    """Delete the study ``sd`` holds (everything in the directory but the lock we hold)."""
+    log.warning("--overwrite: deleting the study in %s", sd.root)
+    _forget_sqlite_engines(sd.root)
+    for entry in sd.root.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _forget_sqlite_engines(root: Path) -> None:
+    """MLflow keeps one SQLAlchemy engine per store URI in the process: after the study's
+    ``mlflow.db`` is deleted, a cached engine would write to the deleted file ("readonly
+    database"). Drop the engines of sqlite stores under ``root`` (a run_study called again in
+    the same process, e.g. from Python or a notebook)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engines = SqlAlchemyStore._engine_map
+        with SqlAlchemyStore._engine_map_lock:
+            for uri in [u for u in engines if u.startswith("sqlite:") and str(root) in u]:
+                engines.pop(uri).dispose()
+    except (ImportError, AttributeError):  # another MLflow: nothing cached that we know of
+        pass
+
+
 def _start_record(spec: StudySpec, spec_text: str, sd: StudyDir, tracking_uri: str | None,
                   address: str | None) -> tuple[dict[str, Any], str]:
     """Secrets, the redacted spec, the MLflow parent run and ``study.json`` of a new study."""
     uri = tracking_uri or spec.tracking.uri or sd.mlflow_url
     write_secrets(sd.root, {"tracking_uri": uri, "pruning_storage": spec.pruning.storage})
-    (sd.root / "spec.yaml").write_text(redact_text(spec_text))
+    spec_text = redact_text(spec_text, known=[uri, spec.pruning.storage, tracking_uri])
+    (sd.root / "spec.yaml").write_text(spec_text)
     experiment_id, parent_run_id = open_parent_run(spec, spec_text, sd, uri)
     # Unique per study: two studies sharing one Optuna storage never share twins.
     optuna_study = f"{spec.name}.{parent_run_id[:12]}"
@@ -255,8 +354,10 @@ def resume_study(study_dir: str | Path, *, address: str | None = None,
     with _locked(sd, "klstudy resume"):
         meta = read_meta_checked(sd, "resume")
         if meta.get("status") == "finished":
-            raise StudyError(f"resume: study {meta['name']!r} in {str(sd.root)!r} already "
-                             "finished")
+            raise StudyError(
+                f"resume: study {meta['name']!r} in {str(sd.root)!r} already finished, nothing "
+                f"to resume; its report: `klstudy report {sd.root}`; to run it again: `klstudy "
+                f"run SPEC --study-dir {sd.root} --overwrite` (or a new --study-dir)")
         spec = _spec_from_meta(meta)
         for stale in [*sd.root.glob("evaluations/part-*.tmp"),
                       *sd.root.glob("latents/part-*.tmp")]:
@@ -322,16 +423,61 @@ def _restore_or_restart(sd: StudyDir, meta: dict[str, Any], spec: StudySpec,
         aside = sd.root / f"tune.broken-{int(time.time())}"
         shutil.move(str(sd.tune_dir), aside)
         problem += f"; moved to {aside.name}"
+    finished = finished_trials(sd)
     log.warning("Tune's saved state in %s: %s. Starting the Tune experiment again inside this "
-                "study: finished trials are skipped, unfinished ones start from step 0.",
-                sd.tune_dir, problem)
-    return _build_tuner(spec, sd, _context(sd, meta), optuna_study)
+                "study: the %d finished trials are kept as they are, the unfinished ones start "
+                "again from step 0.", sd.tune_dir, problem, len(finished))
+    from workers._trainable import FINAL_RESULTS_KEY
+
+    context = {**_context(sd, meta), FINAL_RESULTS_KEY: earlier_final_results(sd)}
+    return _build_tuner(spec, sd, context, optuna_study, finished=finished)
+
+
+def earlier_final_results(sd: StudyDir) -> dict[str, str]:
+    """{trial id: path of its final_result.json} in the study's earlier Tune experiments
+    (``tune.broken-*``): a trial that ended there while no driver recorded it (killed between
+    the trial's end and its record) is re-reported by its worker from there, not trained
+    again. The newest of several wins; a half-written file is left out."""
+    from workers._trainable import FINAL_RESULT_FILE
+
+    found: dict[str, tuple[float, str]] = {}
+    for path in sd.root.glob(f"tune.broken-*/run_trial_*/checkpoint_*/{FINAL_RESULT_FILE}"):
+        try:
+            result = json.loads(path.read_text())
+            trial_id, mtime = str(result["klstudy_trial_id"]), path.stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if result.get("final") and mtime >= found.get(trial_id, (-1.0, ""))[0]:
+            found[trial_id] = (mtime, str(path))
+    return {tid: path for tid, (_, path) in found.items()}
+
+
+def _trial_rows(sd: StudyDir) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    path = sd.root / "trials.parquet"
+    try:
+        return pq.read_table(path).to_pylist() if path.is_file() else []
+    except Exception as exc:  # a damaged record: nothing counts as finished, all run again
+        log.warning("%s is unreadable (%s)", path, exc)
+        return []
+
+
+def finished_trials(sd: StudyDir) -> set[str]:
+    """Trials recorded as over for good: completed, pruned, or failed in a way that would fail
+    again (``workers._trainable.DETERMINISTIC_ERRORS``, recorded as ``"<Type>: message"``).
+    Other failures are retried by a resume, as Tune's restore retries errored trials."""
+    from workers._trainable import DETERMINISTIC_ERRORS
+
+    deterministic = {cls.__name__ for cls in DETERMINISTIC_ERRORS}
+    return {row["trial_id"] for row in _trial_rows(sd)
+            if row["status"] in ("completed", "pruned")
+            or row["status"] == "error"
+            and str(row.get("error") or "").split(":", 1)[0] in deterministic}
 
 
 def _tune_state_problem(sd: StudyDir) -> str | None:
     """Why Tune's saved experiment state cannot be restored, or None when it looks whole."""
-    import json
-
     from ray import tune
 
     if not sd.tune_dir.is_dir():
@@ -380,7 +526,11 @@ def _fit(sd: StudyDir, meta: dict[str, Any], we_started_ray: bool,
         raise StudyError(str(exc)) from None
     status = "interrupted"
     try:
-        make_tuner().fit()
+        tuner = make_tuner()
+        if tuner is not None:
+            tuner.fit()
+        else:
+            log.warning("every trial of the study has already finished: nothing to run")
         status = _ended_as(trial_counts(sd, meta["n_trials"]), meta["n_trials"])
     except Exception:  # KeyboardInterrupt passes through as "interrupted"
         status = "failed"

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +62,9 @@ def _connect(tracking_uri: str) -> Any:
 
 def _create_atomically(db: Path) -> None:
     """Migrate a private file, then hard-link it to ``db`` unless ``db`` appeared meanwhile."""
-    private = db.with_name(f".{db.name}.init-{os.getpid()}")
+    # unique per call: MLflow caches a store per URI in this process, and a second store
+    # created here (run --overwrite) would reuse the cached one of a deleted file
+    private = db.with_name(f".{db.name}.init-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     private.unlink(missing_ok=True)
     try:
         _connect(f"sqlite:///{private}")

@@ -15,7 +15,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from study._pruners import REFERENCES, PeerPercentilePruner
+from study._pruners import (
+    REFERENCES,
+    PeerHalvingPruner,
+    PeerPercentilePruner,
+    n_hyperband_brackets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +41,10 @@ def make_pruner(
 ) -> optuna.pruners.BasePruner:
     """The Optuna pruner named by the spec (``pruning.pruner``); steps are optimizer steps.
 
-    ``reference`` (median, percentile, patient): whose values at a step the trial is compared
-    with: ``reached``, every other trial that reported there (``study._pruners``),
-    ``same_seed``, those of them run with the trial's seed, or ``completed``, Optuna's own rule
-    (completed trials only).
+    ``reference``: whose values at a step the trial is compared with: ``reached``, every other
+    trial that got there (``study._pruners``), ``same_seed``, those of them run with the
+    trial's seed, or ``completed``, Optuna's own pruners (median/percentile: completed trials
+    only; successive halving/hyperband: each trial's first value at or after a rung).
     """
     if kind == "none":
         return optuna.pruners.NopPruner()
@@ -66,6 +71,13 @@ def make_pruner(
         return percentile_rule(50.0)
     if kind == "percentile":
         return percentile_rule(percentile)
+    if kind in ("successive_halving", "hyperband") and reference != "completed":
+        n_brackets = 1 if kind == "successive_halving" else n_hyperband_brackets(
+            min_resource_steps, max_resource_steps, reduction_factor)
+        return PeerHalvingPruner(min_resource=min_resource_steps,
+                                 reduction_factor=reduction_factor,
+                                 n_startup_trials=n_startup_trials, n_min_trials=references,
+                                 n_brackets=n_brackets, same_seed=reference == "same_seed")
     if kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource_steps,
                                                       reduction_factor=reduction_factor)

@@ -40,6 +40,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from study._optuna_bridge import OptunaMirror
+from workers import fixing_stage_eval
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -80,8 +81,9 @@ class PruningPolicy:
         return f"valid/{self.final_metric}"
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and math.isfinite(value):
+def _number(value: Any) -> float | None:
+    """A metric value as a float (NaN and ±inf included), or None when it is not a number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
 
@@ -89,6 +91,9 @@ def _finite(value: Any) -> float | None:
 def pruning_value(result: dict[str, Any], *, policy: PruningPolicy,
                   seen_fixing: bool) -> float | None:
     """The value the pruner should see for this result, or None for "nothing to report".
+
+    A NaN or infinite value is reported as it is: the scheduler prunes it (it can never be
+    compared, nor be the best).
 
     Args:
         result: a Tune result with ``step``, ``at_beta_max`` and ``valid/<metric>``.
@@ -98,7 +103,7 @@ def pruning_value(result: dict[str, Any], *, policy: PruningPolicy,
     step = int(result["step"])
     if step < policy.min_step:
         return None
-    current = _finite(result.get(policy.key))
+    current = _number(result.get(policy.key))
     if not policy.phase_aware or result.get("at_beta_max"):
         return current
     if not seen_fixing and step >= policy.grace_step:
@@ -123,7 +128,7 @@ class OptunaPruningScheduler(FIFOScheduler):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_fixed"] = {}  # rebuilt from the twins' intermediate values after restore
+        state["_fixed"] = {}  # recomputed from each trial's schedule after a restore
         state["_twinned"] = set()
         return state
 
@@ -144,6 +149,8 @@ class OptunaPruningScheduler(FIFOScheduler):
         trial_id = result.get(TRIAL_KEY) or trial.config["trial"]["trial_id"]
         if "step" not in result or result.get("klstudy_error"):
             return TrialScheduler.CONTINUE  # a failure report: on_trial_complete tells Optuna
+        if result.get("replayed") and not result.get("final"):
+            return TrialScheduler.CONTINUE  # re-reported from a final checkpoint: judged before
         if self._never_prunes:
             # Nothing can be pruned: only the twin is needed (its final value comes with
             # on_trial_complete). Reporting every evaluation to the Optuna storage cost each
@@ -159,18 +166,16 @@ class OptunaPruningScheduler(FIFOScheduler):
             return TrialScheduler.STOP  # pruned before a restart: stay pruned
         if twin.state.is_finished() or result.get("final"):
             return TrialScheduler.CONTINUE
-        if trial_id not in self._fixed:  # first sight here; after a restore any reported
-            # value counts as a fixing one, so a trial in its grace (R = 1) is no longer judged
-            # mid-ramp: pruning less is the safe side
-            self._fixed[trial_id] = bool(twin.intermediate_values)
-        if result.get("at_beta_max"):
-            self._fixed[trial_id] = True
+        step = int(result["step"])
+        if not self._fixed.get(trial_id):  # first sight (also after a restore), or not yet
+            self._fixed[trial_id] = bool(result.get("at_beta_max")) or fixed_before(
+                trial.config["trial"], step)
         value = pruning_value(result, policy=self.policy, seen_fixing=self._fixed[trial_id])
         if value is None:
             return TrialScheduler.CONTINUE
-        if self.mirror.report(twin, value, int(result["step"])):
+        if self.mirror.report(twin, value, step) or not math.isfinite(value):
             self.mirror.finish(trial_id, TrialState.PRUNED)
-            log.info("trial %s pruned at step %s (%s %.4f)", trial_id, result["step"],
+            log.info("trial %s pruned at step %s (%s %.4f)", trial_id, step,
                      self.policy.metric, value)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
@@ -178,7 +183,9 @@ class OptunaPruningScheduler(FIFOScheduler):
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
         trial_id = trial.config["trial"]["trial_id"]
         if result and result.get("final"):
-            value = _finite(result.get(self.policy.final_key))
+            # Optuna takes an infinite value as a COMPLETE trial's; a NaN or missing one is a
+            # FAIL, and study._results records that trial as an error, so both agree.
+            value = final_objective(result, self.policy.final_key)
             self.mirror.finish(trial_id, TrialState.COMPLETE if value is not None
                                else TrialState.FAIL, value=value)
         else:
@@ -190,6 +197,23 @@ class OptunaPruningScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"OptunaPruningScheduler({self.mirror.pruner_kwargs}, {self.policy})"
+
+
+def final_objective(result: dict[str, Any], key: str) -> float | None:
+    """A final result's objective value for Optuna: a number (±inf included), None for NaN or
+    missing (the twin then FAILs)."""
+    value = _number(result.get(key))
+    return None if value is None or math.isnan(value) else value
+
+
+def fixed_before(config: dict[str, Any], step: int) -> bool:
+    """Whether a trial had a fixing-stage evaluation before ``step``: a function of its
+    schedule alone (:func:`workers.fixing_stage_eval`), so a restored scheduler knows it also
+    when those evaluations came before ``min_step`` and were never reported."""
+    t, every = int(config["total_steps"]), int(config["eval_every_steps"])
+    schedule = {"total_steps": t, "n_cycles": int(config["n_cycles"]),
+                "ratio": float(config["ratio"]), "eval_every_steps": every}
+    return any(fixing_stage_eval(s, **schedule) for s in range(every, min(step, t + 1), every))
 
 
 def trial_params(tune_config: dict, space: dict[str, Any] | None = None) -> dict[str, Any]:

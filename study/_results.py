@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from optuna.trial import TrialState
 from ray.tune import Callback
+from ray.tune.result import SHOULD_CHECKPOINT
 
 from study._optuna_bridge import OptunaMirror
 from study._store import PartWriter, StudyDir, Throttle, read_parts, write_table
@@ -137,7 +138,10 @@ class StudyRecorder(Callback):
             self._final_value[config.trial_id] = ev.valid.get(self.objective[0], math.nan)
         row.update(status="running", last_step=ev.step, node_ip=result.get("node_ip"),
                    mlflow_run_id=result.get("mlflow_run_id") or row.get("mlflow_run_id"))
-        if self._flush_due():
+        # A result with a checkpoint: Tune registers that checkpoint right after this hook and
+        # then saves its experiment state, from which a killed driver resumes the trial past
+        # this step. Every buffered row must be on disk before that (DESIGN §4: nothing lost).
+        if result.get(SHOULD_CHECKPOINT) or self._flush_due():
             self.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -151,6 +155,11 @@ class StudyRecorder(Callback):
             row.update(status="error", error=str(last[ERROR_KEY])[:4000])
         elif self.mirror.state_of(config.trial_id) == TrialState.PRUNED:
             row.update(status="pruned", pruned_at_step=row.get("last_step"))
+        elif last.get("final") and _is_nan(last.get(f"valid/{self.objective[0]}")):
+            # Optuna cannot hold a NaN objective (its twin FAILs): the same outcome here
+            row.update(status="error", error=f"completed, but its final valid/"
+                       f"{self.objective[0]} is {last.get(f'valid/{self.objective[0]}')}: "
+                       "no objective value to compare")
         elif last.get("final"):
             row.update(status="completed")
         else:
@@ -243,6 +252,11 @@ class StudyRecorder(Callback):
         finite = [(tid, v) for tid, v in self._final_value.items() if math.isfinite(v)]
         pick = max if self.objective[1] == "max" else min
         return pick(finite, key=lambda item: item[1]) if finite else None
+
+
+def _is_nan(value: Any) -> bool:
+    """NaN, or not a number at all (a missing objective)."""
+    return not isinstance(value, (int, float)) or math.isnan(value)
 
 
 def _error_text(trial: Any) -> str:

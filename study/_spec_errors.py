@@ -1,7 +1,8 @@
-"""pydantic's ``ValidationError`` → one :class:`SpecError` that names the key and the value.
+"""pydantic's ``ValidationError`` → SpecErrors that name the key and the value.
 
-The first error wins, except that an unknown key is reported first (it often explains the
-others); an unknown key close to a known one gets a "did you mean" hint.
+Every problem of a spec is reported at once (``SpecError.problems``: one per key, unknown keys
+first, as they often explain the others); ``str()`` of the error raised is the first problem.
+An unknown key close to a known one gets a "did you mean" hint.
 """
 
 from __future__ import annotations
@@ -53,9 +54,32 @@ def _suggestion(loc: tuple[int | str, ...], root: type[BaseModel]) -> str:
 
 
 def spec_error(exc: ValidationError, root: type[BaseModel]) -> SpecError:
-    """The first error (an unknown key first: it often explains the others) as a SpecError."""
+    """The first problem as a SpecError whose ``problems`` lists every problem (one per key:
+    an error pydantic reports for several branches of a union counts once), unknown keys
+    first."""
     errors = exc.errors()
-    err = next((e for e in errors if e["type"] in ("extra_forbidden", "invalid_key")), errors[0])
+    first_kinds = ("extra_forbidden", "invalid_key")
+    ordered = ([e for e in errors if e["type"] in first_kinds]
+               + [e for e in errors if e["type"] not in first_kinds])
+    problems: list[SpecError] = []
+    for err in ordered:
+        problem = _one(err, root)
+        if all(p.path != problem.path for p in problems):
+            problems.append(problem)
+    # a union reports its branches: a key's own problems (`ratio[0]`) beat the whole list's
+    problems = [p for p in problems if p is problems[0] or not any(
+        q.path.startswith((p.path + "[", p.path + ".")) for q in problems)]
+    head = problems[0]
+    head.problems = problems  # type: ignore[attr-defined]
+    return head
+
+
+def problems_of(exc: SpecError) -> list[SpecError]:
+    """Every problem an error stands for (a SpecError not made here: itself)."""
+    return list(getattr(exc, "problems", None) or [exc])
+
+
+def _one(err: Any, root: type[BaseModel]) -> SpecError:
     kind, loc, ctx = err["type"], tuple(err["loc"]), err.get("ctx") or {}
     if kind == "klstudy":
         return SpecError(_dotted(loc, ctx["at"]), ctx["message"], ctx.get("value", _NO_VALUE))

@@ -26,18 +26,21 @@ from workers._secrets import redact_text
 # --- klstudy validate / run / resume / status / submit ----------------------------------------
 def _load_spec(path: Path):  # -> (StudySpec, text)
     from study._spec import SpecError, load_spec
+    from study._spec_errors import problems_of
 
     try:
         spec = load_spec(path)
-    except SpecError as exc:
-        raise UserError(str(exc)) from None
+    except SpecError as exc:  # every problem of the spec, one per line
+        raise UserError("\n".join(str(p) for p in problems_of(exc))) from None
     return spec, path.read_text()
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate",
-                       help="check a study spec and print how many trials it expands to")
-    p.add_argument("spec", type=Path)
+                       help="check a study spec and print how many trials it expands to",
+                       description="Check a study spec (every problem is reported, one "
+                       "`error:` line each) and print how many trials it expands to.")
+    p.add_argument("spec", type=Path, help="the study spec (YAML)")
     p.set_defaults(handler=_cmd_validate)
 
 
@@ -51,10 +54,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a study to the end (embedded Ray and MLflow by default)")
-    p.add_argument("spec", type=Path)
-    p.add_argument("--study-dir", type=Path, default=None, help="default: ./klstudy-runs/<name>")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
+    p = sub.add_parser(
+        "run", help="run a study to the end (embedded Ray and MLflow by default)",
+        description="Run a study to the end. A study directory that already holds this study, "
+        "finished, is left as it is (exit 0), so `klstudy run SPEC && klstudy report DIR` can "
+        "be run again; an unfinished one is continued with `klstudy resume DIR`.")
+    p.add_argument("spec", type=Path, help="the study spec (YAML)")
+    p.add_argument("--study-dir", type=Path, default=None,
+                   help="where the study keeps everything (default: ./klstudy-runs/<name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the study that --study-dir holds and run this one afresh")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address, e.g. 10.0.0.1:6379 (default: embedded Ray)")
     p.add_argument("--tracking-uri", default=os.environ.get("KLSTUDY_TRACKING_URI"),
                    help="MLflow tracking URI (default: $KLSTUDY_TRACKING_URI, else sqlite in the "
                    "study dir); pass credentials through the variable, not on the command line")
@@ -73,6 +84,14 @@ def _show_progress() -> None:
 def _print_summary(summary) -> int:
     """Print how the study ended; the exit code: 0 finished, 130 interrupted, 1 failed."""
     c = summary.counts
+    if not summary.ran:
+        print(f"study {summary.name!r} already finished in {summary.study_dir}: "
+              f"{c.get('completed', 0)} completed, {c.get('pruned', 0)} pruned, "
+              f"{c.get('error', 0)} failed; nothing to run (--overwrite runs it again)")
+        if summary.best_trial:
+            print(f"best {summary.objective}: {summary.best_value:.4f} ({summary.best_trial})")
+        print(f"report: klstudy report {summary.study_dir}")
+        return 0
     print(f"study {summary.name!r} {summary.status} after {summary.wall_s:.0f} s: "
           f"{c.get('completed', 0)} completed, {c.get('pruned', 0)} pruned, "
           f"{c.get('error', 0)} failed, {c.get('running', 0) + c.get('pending', 0)} unfinished")
@@ -111,16 +130,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _show_progress()
     try:
         summary = run_study(spec, text, study_dir=study_dir, address=args.address,
-                            tracking_uri=args.tracking_uri)
+                            tracking_uri=args.tracking_uri, overwrite=args.overwrite)
     except StudyError as exc:
         raise UserError(str(exc)) from None
     return _print_summary(summary)
 
 
 def _add_resume(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("resume", help="restore a killed study from its directory and finish it")
-    p.add_argument("study_dir", type=Path)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: as recorded)")
+    p = sub.add_parser("resume", help="restore a killed study from its directory and finish it",
+                       description="Continue an interrupted, killed or failed study: finished "
+                       "trials are kept, unfinished ones go on from their last checkpoint.")
+    p.add_argument("study_dir", type=Path, help="the study's directory")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: the one the study was run with)")
     p.add_argument("--allow-new-optuna", action="store_true",
                    help="go on when the Optuna storage lost the study (fresh pruner history)")
     p.set_defaults(handler=_cmd_resume)
@@ -140,8 +162,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="summarise a study directory (starts nothing)")
-    p.add_argument("study_dir", type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("study_dir", type=Path, help="the study's directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_status)
 
 
@@ -238,14 +260,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="serve the MLflow UI of a study's tracking store on 127.0.0.1")
-    p.add_argument("study_dir", type=Path)
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("study_dir", type=Path, help="the study's directory")
+    p.add_argument("--port", type=int, default=5000, help="TCP port on 127.0.0.1")
     p.set_defaults(handler=_cmd_ui)
+
+
+def _check_port_free(port: int) -> None:
+    """A UserError at once when ``port`` is taken on 127.0.0.1 (the MLflow server would fail
+    to bind only after its start-up, ~14 s later)."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port: must be in 1..65535, got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UserError(f"--port: port {port} is in use on 127.0.0.1 ({exc.strerror}); "
+                            "choose another with --port P") from None
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     from analysis import ReportError, serve_ui, stop_ui, ui_url, wait_for_health
 
+    _check_port_free(args.port)
     try:
         url = ui_url(args.study_dir, port=args.port)
         proc = serve_ui(args.study_dir, port=args.port)
@@ -332,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         return int(args.handler(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -41,6 +41,19 @@ NODE_PORT_OPTIONS = (  # `ray start` options of the ports each node listens on
 )
 
 
+# embedded Ray in a test process (conftest ``ray_local``)
+LOCAL_RAY = {"num_cpus": 2, "include_dashboard": False, "logging_level": "WARNING",
+             "log_to_driver": False}
+
+
+def restart_local_ray() -> None:
+    """Embedded Ray in this process again, after a test connected it elsewhere."""
+    import ray
+
+    ray.shutdown()
+    ray.init(**LOCAL_RAY)
+
+
 class ServiceError(RuntimeError):
     """A service did not come up in time; the message carries the tail of its logs."""
 

@@ -13,8 +13,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from _postgres import PostgresServer
-from _services import MlflowServer, RayCluster  # tests/ is on sys.path (rootdir conftest)
+from _postgres import PostgresServer  # tests/ is on sys.path (rootdir conftest)
+from _services import LOCAL_RAY, MlflowServer, RayCluster
 
 SERVICE_FIXTURES = ("ray_cluster", "mlflow_server", "postgres")
 
@@ -35,6 +35,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if skip and item.get_closest_marker("integration") is not None:
             item.add_marker(pytest.mark.skip(reason="integration tests skipped "
                                              "(KLSTUDY_SKIP_INTEGRATION=1 or --skip-integration)"))
+    items[:] = _heavy_modules_first(items)
+
+
+def _heavy_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The modules with slow tests first, then those with integration tests, then the rest,
+    each module's tests together and in their order. With parallel test processes (CI:
+    ``-n 2 --dist loadfile``, each file one unit of work handed out in this order) the long
+    files start first and the short ones fill the gaps, instead of one long file starting
+    last while the other process idles."""
+    def weight(item: pytest.Item) -> int:
+        return 2 if item.get_closest_marker("slow") else (
+            1 if item.get_closest_marker("integration") else 0)
+
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = sorted(modules.values(), key=lambda group: -max(map(weight, group)))
+    return [item for group in order for item in group]
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +83,17 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
     stack's postgres service before its init script; `postgres.url(db)` for SQLAlchemy."""
     with PostgresServer(tmp_path_factory.mktemp("postgres"), databases=("mlflow",)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """Embedded Ray in this test process (2 CPUs), started once for every test that drives a
+    study in-process (``run_study``/``resume_study`` use the Ray they find). A test that needs
+    this process connected elsewhere shuts it down first and calls ``restart_local_ray()``
+    after (``tests/test_services_smoke.py``)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
+    yield
+    ray.shutdown()

@@ -173,3 +173,17 @@ def test_resume_of_a_finished_trial_keeps_its_results(tmp_path, capsys):
         return
     assert code == 0 and FINAL_KEYS <= _last_json(captured.out).keys()
     assert json.loads((tmp_path / "final.json").read_text()) == before
+
+
+@pytest.mark.parametrize(("mi", "shown"), [(-0.012, "mi ~0"), (-0.0004, "mi ~0"),
+                                          (0.0, "mi 0.000"), (0.5, "mi 0.500")])
+def test_an_evaluation_line_never_shows_a_negative_mutual_information(mi, shown):
+    """I(z; x) ≥ 0: a negative Monte-Carlo estimate is noise around 0 and printed as ~0."""
+    from study._cli_train import _format_evaluation
+    from workers._trainer import Evaluation
+
+    valid = {"rec": 1.0, "kl": 0.5, "elbo": -1.5, "ppl": 3.0, "au": 1, "mi": mi}
+    ev = Evaluation(step=10, train={"beta": 1.0, "loss": 1.5}, valid=valid, test=None,
+                    final=False, at_beta_max=True, checkpoint=None)
+    line = _format_evaluation(ev, 20)
+    assert line.endswith(shown) and "mi -" not in line, line

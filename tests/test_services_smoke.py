@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _services import restart_local_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -19,9 +20,13 @@ def ray_client(ray_cluster) -> Iterator[object]:
     """This process connected to the cluster as a driver; disconnected after the module."""
     import ray
 
+    local = ray.is_initialized()  # the session's embedded Ray (conftest ray_local)
+    ray.shutdown()
     ray.init(address=ray_cluster.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
+    if local:
+        restart_local_ray()
 
 
 def _alive_node_ids(ray) -> list[str]:

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 TRIAL_KEY = "klstudy_trial_id"
 ERROR_KEY = "klstudy_error"
 FINAL_RESULT_FILE = "final_result.json"
+HISTORY_KEY = "klstudy_history"  # in final_result.json: what the worker reported before it
+REPLAYED_KEY = "replayed"  # a result re-reported from a final checkpoint, not trained again
+# in the Tune config's "study": {trial id: final_result.json path} from an earlier experiment
+FINAL_RESULTS_KEY = "final_results"
 DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, ConfigError, CheckpointError)
 # Tune copies every reported checkpoint into the study directory; on short evaluation intervals
 # that copying costs more than the training. A killed study loses at most this much per trial.
@@ -149,11 +153,18 @@ def tune_result(ev: Evaluation, config: TrialConfig, run_id: str | None) -> dict
 
 
 class _Reporter:
-    """The ``report`` callback of ``train_trial``: spool first (local disk), then Tune."""
+    """The ``report`` callback of ``train_trial``: spool first (local disk), then Tune.
+
+    It keeps what this worker reported: the final checkpoint holds it (``final_result.json``,
+    ``history``), because a driver killed before it recorded the evaluations that followed the
+    checkpoint Tune resumes from has lost their rows, and a worker restored from the final
+    checkpoint re-reports instead of training them again.
+    """
 
     def __init__(self, config: TrialConfig, run_log: TrialRunLogger | None, tune: Any) -> None:
         self.config, self.run_log, self.tune = config, run_log, tune
         self.last_step = 0
+        self.history: list[dict[str, Any]] = []
 
     def __call__(self, ev: Evaluation) -> None:
         self.last_step = ev.step
@@ -163,9 +174,11 @@ class _Reporter:
         ckpt = None
         if ev.checkpoint is not None:
             if ev.final:  # a worker restored from this checkpoint re-reports instead of training
-                (ev.checkpoint / FINAL_RESULT_FILE).write_text(json.dumps(result))
+                stored = {**result, HISTORY_KEY: self.history}
+                (ev.checkpoint / FINAL_RESULT_FILE).write_text(json.dumps(stored))
             ckpt = self.tune.Checkpoint.from_directory(str(ev.checkpoint))
         self.tune.report(result, checkpoint=ckpt)
+        self.history.append(result)
 
 
 def _tune() -> Any:
@@ -193,7 +206,8 @@ def run_trial(tune_config: dict[str, Any]) -> None:
         config.check()
         run_log = TrialRunLogger(study, config) if study.get("tracking_uri") else None
         reporter = _Reporter(config, run_log, tune)
-        _run(config, run_log, reporter, tune)
+        _run(config, run_log, reporter, tune,
+             earlier_final=(study.get(FINAL_RESULTS_KEY) or {}).get(config.trial_id))
     except DETERMINISTIC_ERRORS as exc:  # would fail the same way again: end it, no retry
         reason = f"{type(exc).__name__}: {exc}"
         log.error("trial %s failed: %s", trial_id, reason)
@@ -205,7 +219,9 @@ def run_trial(tune_config: dict[str, Any]) -> None:
 
 
 def _run(config: TrialConfig, run_log: TrialRunLogger | None, reporter: _Reporter,
-         tune: Any) -> None:
+         tune: Any, *, earlier_final: str | None = None) -> None:
+    """``earlier_final``: the final_result.json of this trial in an earlier Tune experiment of
+    the study (the driver passes it when it restarted the experiment: ``study._driver``)."""
     checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="klstudy-ckpt-") as work:
         resume_from = _restore_dir(checkpoint, Path(work) / "restored") if checkpoint else None
@@ -213,6 +229,8 @@ def _run(config: TrialConfig, run_log: TrialRunLogger | None, reporter: _Reporte
             final = _read_final(resume_from / FINAL_RESULT_FILE)
         else:  # a driver killed before it registered the final checkpoint restores an older one
             final = stored_final_result(tune)
+        if final is None and earlier_final:
+            final = _read_final(Path(earlier_final))
         if final is not None:
             _replay_final(final, config, run_log, tune)
             return
@@ -298,13 +316,18 @@ def stored_final_result(tune: Any) -> dict[str, Any] | None:
 
 def _replay_final(result: dict[str, Any], config: TrialConfig, run_log: TrialRunLogger | None,
                   tune: Any) -> None:
-    """The trial already ended with ``result`` (its final checkpoint): report it again."""
-    log.info("trial %s restored from its final checkpoint: re-reporting its final result",
-             config.trial_id)
+    """The trial already ended with ``result`` (its final checkpoint): report again what the
+    worker that trained it reported (the driver records the rows it lacks; the pruner ignores
+    replayed results), then the final result."""
+    history = result.pop(HISTORY_KEY, None) or []
+    log.info("trial %s restored from its final checkpoint: re-reporting %d results",
+             config.trial_id, len(history) + 1)
     if run_log is not None:
         result["mlflow_run_id"] = run_log.run_id or result.get("mlflow_run_id") or ""
         run_log.finish("completed")
-    tune.report({**result, "final": True, "replayed": True})
+    for earlier in history:
+        tune.report({**earlier, "final": False, REPLAYED_KEY: True})
+    tune.report({**result, "final": True, REPLAYED_KEY: True})
 
 
 def _restore_dir(checkpoint: Any, target: Path) -> Path:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
+from _checks import assert_rows_exactly_once
 from mlflow.tracking import MlflowClient
 
 from study._driver import StudyError, resume_study, run_study, study_status
@@ -33,20 +29,11 @@ SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def child_runs(meta: dict) -> list:
     client = MlflowClient(meta["tracking_uri"])
-    runs = client.search_runs([meta["experiment_id"]],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
-    return runs
+    return client.search_runs(
+        [meta["experiment_id"]],
+        filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +82,8 @@ def test_pruned_runs_are_tagged_and_agree_with_optuna(grid_study: Path) -> None:
                               storage=f"sqlite:///{grid_study / 'optuna.db'}")
     states = {t.user_attrs["tune_trial_id"]: t.state for t in study.trials}
     assert len(states) == 8
+    tags = {r.data.tags["klstudy.status"] for r in child_runs(meta)}
+    assert tags == {"completed", "pruned"}, tags  # both kinds checked below, not none
     for run in child_runs(meta):
         tid, status = run.data.tags["klstudy.trial_id"], run.data.tags["klstudy.status"]
         expected = {"completed": optuna.trial.TrialState.COMPLETE,
@@ -106,13 +95,9 @@ def test_pruned_runs_are_tagged_and_agree_with_optuna(grid_study: Path) -> None:
 
 
 def test_parquet_rows_cover_every_evaluation(grid_study: Path) -> None:
+    # every (trial, step, split) of the evaluation grid once, up to a pruned trial's step
+    assert_rows_exactly_once(grid_study, SPEC["train"])
     evals = pd.read_parquet(grid_study / "evaluations")
-    trials = pd.read_parquet(grid_study / "trials.parquet").set_index("trial_id")
-    valid = evals[evals["split"] == "valid"]
-    assert not valid.duplicated(["trial_id", "step"]).any()
-    last = valid.groupby("trial_id")["step"].max()
-    for tid, row in trials.iterrows():
-        assert last[tid] == (240 if row["status"] == "completed" else row["pruned_at_step"])
     finals = evals[evals["final"]]
     assert set(finals["split"]) == {"train", "valid", "test"}
     assert finals.loc[finals["split"] == "test", "iw_nll"].notna().all()
@@ -125,7 +110,8 @@ def test_every_evaluation_reaches_mlflow_even_for_pruned_trials(grid_study: Path
     valid = pd.read_parquet(grid_study / "evaluations").query("split == 'valid'")
     for run in child_runs(meta):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid/elbo"))
-        expected = sorted(valid.loc[valid["trial_id"] == run.data.tags["klstudy.trial_id"], "step"])
+        tid = run.data.tags["klstudy.trial_id"]
+        expected = sorted(valid.loc[valid["trial_id"] == tid, "step"])
         assert steps == expected, run.data.tags["klstudy.status"]
 
 
@@ -147,9 +133,31 @@ def test_status_reads_the_directory(grid_study: Path) -> None:
     assert status["best_trial"] is not None
 
 
-def test_run_refuses_an_existing_study_dir(grid_study: Path) -> None:
-    with pytest.raises(StudyError, match="already holds a study; continue it with `klstudy resume"):
-        run_study(parse_spec(SPEC), "", study_dir=grid_study)
+def test_run_again_on_the_finished_study_runs_nothing(grid_study: Path) -> None:
+    meta = json.loads((grid_study / "study.json").read_text())
+    summary = run_study(parse_spec(SPEC), "", study_dir=grid_study)
+    assert summary.ran is False and summary.status == "finished"
+    assert summary.parent_run_id == meta["parent_run_id"]
+    assert json.loads((grid_study / "study.json").read_text()) == meta
+    with pytest.raises(StudyError, match="run from another spec .*--overwrite"):
+        run_study(parse_spec({**SPEC, "seeds": [0]}), "", study_dir=grid_study)
+
+
+def test_overwrite_replaces_a_study_with_a_fresh_run(ray_local, tmp_path: Path) -> None:
+    spec = {**SPEC, "name": "again", "train": {"total_steps": 40, "eval_every_steps": 20,
+                                               "iw_samples": 0},
+            "schedule": {"n_cycles": [1], "ratio": [0.5]}, "seeds": [0],
+            "pruning": {"pruner": "none"}}
+    study_dir = tmp_path / "again"
+    first = run_study(parse_spec(spec), yaml.safe_dump(spec), study_dir=study_dir)
+    (study_dir / "tune" / "stale-marker").write_text("from the first run")
+    second = run_study(parse_spec(spec), yaml.safe_dump(spec), study_dir=study_dir,
+                       overwrite=True)
+    assert second.ran and second.status == "finished"
+    assert second.parent_run_id != first.parent_run_id
+    assert not (study_dir / "tune" / "stale-marker").exists()
+    runs = child_runs(json.loads((study_dir / "study.json").read_text()))
+    assert len(runs) == 1  # the new store holds the new study only
 
 
 def test_resume_refuses_a_finished_study(grid_study: Path) -> None:
@@ -169,49 +177,3 @@ def test_tpe_search_runs_n_trials_in_the_grid(ray_local, tmp_path: Path) -> None
     study = optuna.load_study(study_name=meta["optuna_study"],
                               storage=f"sqlite:///{tmp_path / 'tpe' / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
-
-
-def _wait_for(predicate, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError("condition not met in time")
-
-
-def _n_completed(study_dir: Path) -> int:
-    try:
-        trials = pd.read_parquet(study_dir / "trials.parquet")
-    except Exception:
-        return 0
-    return int((trials["status"] == "completed").sum())
-
-
-def test_killed_study_resumes_without_rerunning_or_duplicating(tmp_path: Path) -> None:
-    spec = {**SPEC, "name": "kill", "pruning": {"pruner": "none"},
-            "train": {"total_steps": 400, "eval_every_steps": 50, "iw_samples": 5}}
-    spec_file = tmp_path / "kill.yaml"
-    spec_file.write_text(yaml.safe_dump(spec))
-    study_dir = tmp_path / "kill"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(spec_file),
-                             "--study-dir", str(study_dir)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(lambda: _n_completed(study_dir) >= 2, timeout_s=240)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done_before = set(pd.read_parquet(study_dir / "trials.parquet").query("status == 'completed'")["trial_id"])
-    subprocess.run([sys.executable, "-m", "study.cli", "resume", str(study_dir)], env=env, check=True,
-                   timeout=500, capture_output=True)
-    meta = json.loads((study_dir / "study.json").read_text())
-    trials = pd.read_parquet(study_dir / "trials.parquet")
-    assert meta["status"] == "finished"
-    assert set(trials["status"]) == {"completed"} and len(trials) == 8
-    runs = child_runs(meta)
-    assert sorted(r.data.tags["klstudy.trial_id"] for r in runs) == sorted(trials["trial_id"])
-    evals = pd.read_parquet(study_dir / "evaluations").query("split == 'valid'")
-    for tid in done_before:  # finished before the kill: not trained again
-        assert not evals[evals["trial_id"] == tid].duplicated("step").any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,8 +97,43 @@ def test_pruning_value_reads_the_policy_metric() -> None:
                          seen_fixing=False) == 2.5
 
 
-def test_non_finite_values_are_never_reported() -> None:
-    assert pruning_value(result(5, float("nan")), policy=PLAIN, seen_fixing=False) is None
+def test_non_finite_values_are_reported_as_they_are() -> None:
+    value = pruning_value(result(5, float("nan")), policy=PLAIN, seen_fixing=False)
+    assert value is not None and math.isnan(value)
+    assert pruning_value(result(5, math.inf), policy=PLAIN, seen_fixing=False) == math.inf
+    assert pruning_value({"step": 5, "valid/elbo": "x"}, policy=PLAIN, seen_fixing=False) is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("pruner", ["median", "successive_halving", "hyperband"])
+def test_a_non_finite_value_stops_the_trial_and_its_twin_is_pruned(tmp_path, bad, pruner):
+    """An infinite PPL (or a NaN) is never comparable: the scheduler prunes it at once, and
+    Optuna and the study's record agree (the recorder reads the twin's PRUNED)."""
+    m = mirror(tmp_path, pruner, n_startup_trials=2, min_resource_steps=10,
+               max_resource_steps=30)
+    sched = scheduler(m, phase_aware=False)
+    trial = fake_trial("inf")
+    assert sched.on_trial_result(None, trial, result(10, bad)) == TrialScheduler.STOP
+    assert m.state_of("inf") == TrialState.PRUNED
+
+
+def test_pruner_none_never_stops_a_non_finite_trial(tmp_path) -> None:
+    m = mirror(tmp_path, "none")
+    sched = scheduler(m, phase_aware=False)
+    assert sched.on_trial_result(None, fake_trial("a"), result(10, math.inf)) \
+        == TrialScheduler.CONTINUE
+
+
+def test_an_infinite_final_objective_completes_and_a_nan_one_fails(tmp_path) -> None:
+    m = mirror(tmp_path, "none", direction="minimize")
+    sched = scheduler(m, phase_aware=False, metric="ppl", mode="min", final_metric="ppl")
+    for name, final in (("inf", math.inf), ("nan", math.nan)):
+        trial = fake_trial(name)
+        done = {"valid/ppl": final, "step": 30, "at_beta_max": True, "final": True}
+        sched.on_trial_result(None, trial, done)
+        sched.on_trial_complete(None, trial, done)
+    assert m.state_of("inf") == TrialState.COMPLETE and m.find("inf").value == math.inf
+    assert m.state_of("nan") == TrialState.FAIL
 
 
 @pytest.mark.parametrize("kind", ["none", "median", "percentile", "successive_halving", "hyperband",
@@ -351,3 +387,44 @@ def test_a_scheduler_pickled_by_an_older_klstudy_still_works(tmp_path) -> None:
     trial = fake_trial("a")
     assert restored.on_trial_result(None, trial, result(10, -2.0)) == TrialScheduler.CONTINUE
     assert m.state_of("a") == TrialState.RUNNING
+
+
+def test_a_restored_scheduler_knows_a_trial_was_fixed_before_the_minimum_share(tmp_path):
+    """M 4, R 0.5, T 1,000, evaluations every 100: β_max at 200, 400 and 500, ramping again at
+    600. With min_share and the grace at 600, nothing before 600 is reported; the restored
+    scheduler must still know that the trial has had its fixing stage, and not judge its
+    mid-ramp value at 600 as that of a trial never at β_max."""
+    from workers import fixing_stage_eval
+
+    m = mirror(tmp_path, n_startup_trials=0)
+    sched = scheduler(m, phase_aware=True, min_step=600, grace_step=600)
+    cfg = TrialConfig(trial_id="c", n_cycles=4, ratio=0.5, total_steps=1000,
+                      eval_every_steps=100)
+    trial = FakeTrial({"trial": cfg.to_dict()})
+
+    def at(step: int) -> dict:
+        fixing = fixing_stage_eval(step, total_steps=1000, n_cycles=4, ratio=0.5,
+                                   eval_every_steps=100)
+        return result(step, -1.0, at_beta_max=fixing)
+
+    assert [at(s)["at_beta_max"] for s in (100, 200, 600, 700)] == [False, True, False, True]
+    for step in range(100, 600, 100):
+        sched.on_trial_result(None, trial, at(step))
+    restored: OptunaPruningScheduler = pickle.loads(pickle.dumps(sched))  # Tune's restore
+    assert restored.on_trial_result(None, trial, at(600)) == TrialScheduler.CONTINUE
+    assert m.find("c").intermediate_values == {}
+    restored.on_trial_result(None, trial, at(700))
+    assert m.find("c").intermediate_values == {700: -1.0}
+
+
+def test_results_replayed_from_a_final_checkpoint_are_never_judged(tmp_path) -> None:
+    """A restored worker re-reports a finished trial's evaluations: none is judged again."""
+    m = mirror(tmp_path, n_startup_trials=2)
+    sched = scheduler(m, phase_aware=False)
+    complete(sched, fake_trial("a"), [-3.0, -2.0, -1.0])
+    complete(sched, fake_trial("b"), [-3.1, -2.1, -1.1])
+    done = fake_trial("c")
+    for step in (10, 20):
+        replayed = {**result(step, -50.0), "replayed": True}
+        assert sched.on_trial_result(None, done, replayed) == TrialScheduler.CONTINUE
+    assert m.find("c") is None or m.find("c").intermediate_values == {}

@@ -54,3 +54,37 @@ def test_a_restored_recorder_shows_the_best_trial_recorded_before(tmp_path):
     assert "best valid elbo -2.5000 (t1)" in again.progress_line()
     again.on_trial_start(0, [], done)  # Tune re-adds finished trials on restore
     assert again.counts()["completed"] == 1
+
+
+def _steps_on_disk(root) -> list[int]:
+    import pandas as pd
+
+    parts = sorted((root / "evaluations").glob("part-*.parquet"))
+    if not parts:
+        return []
+    evals = pd.concat([pd.read_parquet(p) for p in parts])
+    return sorted(evals.loc[evals["split"] == "valid", "step"])
+
+
+def test_rows_of_a_checkpointed_result_are_on_disk_before_tune_registers_it(tmp_path):
+    """Tune calls on_trial_result, then registers the result's checkpoint, then saves its
+    experiment state; a driver killed after that save resumes the trial past this step, so
+    the rows must be durable when on_trial_result returns (not up to 5 s later)."""
+    rec = recorder(tmp_path)
+    t = trial(CONFIGS[0])
+    rec.on_trial_start(0, [], t)
+    rec.on_trial_result(0, [], t, {**result(5, -3.0), "should_checkpoint": True})
+    rec.on_trial_result(0, [], t, result(10, -2.8))  # no checkpoint: may wait in memory
+    rec.on_trial_result(0, [], t, {**result(15, -2.6), "should_checkpoint": True})
+    # the driver is SIGKILLed here: nothing else of the recorder runs
+    assert _steps_on_disk(tmp_path) == [5, 10, 15]
+
+
+def test_a_trial_ending_with_a_nan_objective_is_an_error_as_its_optuna_twin_fails(tmp_path):
+    rec = recorder(tmp_path)
+    done = trial(CONFIGS[0], last=result(10, float("nan"), final=True))
+    rec.on_trial_start(0, [], done)
+    rec.on_trial_result(0, [], done, result(10, float("nan"), final=True))
+    rec.on_trial_complete(0, [], done)
+    row = rec.trials["t0"]
+    assert row["status"] == "error" and "valid/elbo is nan" in row["error"]
