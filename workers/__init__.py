@@ -49,9 +49,9 @@ from workers._plugins import (
 from workers._records import (
     CONFIG_COLUMNS,
     EVAL_COLUMNS,
-    REMEDY_COLUMNS,
     LATENT_COLUMNS,
     METRIC_COLUMNS,
+    REMEDY_COLUMNS,
     STATUSES,
     TRIAL_COLUMNS,
     config_columns,

@@ -45,7 +45,8 @@ def model_factory(config: TrialConfig) -> tuple[str, dict[str, Any]]:
     """The model factory of a resolved config and its keyword params."""
     if config.model_factory is not None:
         return config.model_factory, dict(config.model_params or {})
-    return BUILTIN_MODELS[config.model], {k: getattr(config, k) for k in MODEL_DEFAULTS[config.model]}
+    sizes = {k: getattr(config, k) for k in MODEL_DEFAULTS[config.model]}
+    return BUILTIN_MODELS[config.model], sizes
 
 
 def data_factory(config: TrialConfig) -> tuple[str, dict[str, Any]]:
