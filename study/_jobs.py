@@ -4,6 +4,15 @@ The job's entrypoint is ``python -m study.cli run spec.yaml --study-dir DIR`` ex
 cluster (the driver then joins the cluster through ``RAY_ADDRESS``, which Ray Jobs sets). The
 spec travels in the job's ``working_dir``; klstudy itself must be installed on the cluster
 (e.g. the image in docker/) unless ``ship_code`` uploads the packages as ``py_modules``.
+
+A user's model or data module (kind ``python``) found in the spec's ``code_dir`` is uploaded
+as a ``py_modules`` entry of the job's runtime environment: a ``name.py`` file or a package
+directory. Ray puts every entry's copy on ``PYTHONPATH`` of the job's driver and of every
+worker process on every node (ray 2.60, ``_private/runtime_env/py_modules.py``:
+``set_pythonpath_in_context``), and Tune's trial actors inherit the job's runtime
+environment, so the module imports everywhere without being installed. A module that is not
+in ``code_dir`` (installed on the submitting machine) is not shipped: it must be installed on
+the cluster too.
 """
 
 from __future__ import annotations
@@ -54,10 +63,33 @@ def _entrypoint(study_dir: str, tracking_uri: str | None, python: str) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def factory_modules(spec_path: Path) -> list[Path]:
+    """The files (``name.py``) and packages (``name/__init__.py``) in the spec's ``code_dir``
+    that hold its factories' top-level modules: what ``submit`` ships."""
+    from study._spec import load_spec
+
+    spec = load_spec(spec_path)
+    if not spec.uses_factories() or spec.code_dir is None:
+        return []
+    found: list[Path] = []
+    for ref in (spec.model.factory, spec.data.factory):
+        if ref is None:
+            continue
+        top = ref.split(":", 1)[0].split(".", 1)[0]
+        root = Path(spec.code_dir)
+        for candidate in (root / top, root / f"{top}.py"):
+            is_package = candidate.is_dir() and (candidate / "__init__.py").is_file()
+            if (is_package or candidate.is_file()) and candidate not in found:
+                found.append(candidate)
+                break
+    return found
+
+
 def submit_study(spec_path: Path, *, address: str, study_dir: str, tracking_uri: str | None = None,
                  ship_code: bool = False, python: str = "python",
                  env_vars: dict[str, str] | None = None) -> Submission:
-    """Submit the study in ``spec_path`` to the cluster whose dashboard is at ``address``."""
+    """Submit the study in ``spec_path`` to the cluster whose dashboard is at ``address``;
+    the spec's own model/data modules go with it (:func:`factory_modules`)."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -73,9 +105,13 @@ def submit_study(spec_path: Path, *, address: str, study_dir: str, tracking_uri:
         (Path(tmp) / "spec.yaml").write_text(text, encoding="utf-8")
         if tracking_uri and has_secret(tracking_uri):
             runtime_env["env_vars"]["KLSTUDY_TRACKING_URI"] = tracking_uri
+        modules = [str(p) for p in factory_modules(spec_path)]
         if ship_code:
             root = Path(__file__).resolve().parent.parent
-            runtime_env["py_modules"] = [str(root / p) for p in _PACKAGES]
+            modules += [str(root / p) for p in _PACKAGES]
+        if modules:
+            runtime_env["py_modules"] = modules
+            runtime_env["excludes"] = ["__pycache__", "*.pyc"]
         job_id = client.submit_job(
             entrypoint=_entrypoint(study_dir, tracking_uri, python),
             runtime_env=runtime_env,

@@ -39,6 +39,7 @@ class ContractCheck:
     latent_dim: int  # Z
     loss: float  # rec + KL of that batch (β = 1)
     n_parameters: int  # trainable parameters of the model
+    has_tokens: bool  # the data gives token counts (valid and test): PPL can be computed
 
     def summary(self) -> str:
         return (f"one batch on CPU: encode -> mu, logvar [{self.n_examples}, {self.latent_dim}]"
@@ -78,8 +79,9 @@ def check_contract(config: TrialConfig) -> ContractCheck:
         _nll(model, batch, torch.cat([z, reparameterize(mu, logvar)]), size,
              what="z [2B, Z] (2 samples per example, row k·B + i)")
         _check_other_batches(model, data, config, latent_dim=mu.shape[1])
-    return ContractCheck(n_examples=size, latent_dim=int(mu.shape[1]), loss=float(loss),
-                         n_parameters=sum(p.numel() for p in trainable))
+    return ContractCheck(n_examples=size, latent_dim=int(mu.shape[1]), loss=float(loss.detach()),
+                         n_parameters=sum(p.numel() for p in trainable),
+                         has_tokens=all(data.n_tokens(s) is not None for s in ("valid", "test")))
 
 
 def _check_other_batches(model: torch.nn.Module, data: Any, config: TrialConfig, *,
