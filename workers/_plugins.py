@@ -186,8 +186,8 @@ def _check_call(fn: Callable[..., Any], args: tuple[Any, ...], params: Mapping[s
     try:
         sig.bind(*args, **params)
     except TypeError as exc:
-        raise PluginError(f"{key}.params", f"{signature} does not accept them: {exc}, got "
-                          f"{dict(params)!r}") from None
+        raise PluginError(f"{key}.params", f"{signature} does not accept {dict(params)!r} "
+                          f"({exc})") from None
 
 
 def _describe(exc: BaseException) -> str:
