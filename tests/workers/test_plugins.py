@@ -265,6 +265,7 @@ def test_without_lr_n_cycles_the_learning_rate_restarts_with_each_beta_cycle():
 def test_load_trial_data_names_data_params_that_the_factory_does_not_take(tmp_path):
     config = _user_config(_user_dir(tmp_path, "user_vae_d"), "user_vae_d",
                           data_params={"nn": 40})
-    with pytest.raises(PluginError, match=r"load\(\*\*params\) does not accept \{'nn': 40\}") as info:
+    with pytest.raises(PluginError, match=r"load\(\*\*params\) does not accept \{'nn': 40\}") \
+            as info:
         load_trial_data(config)
     assert info.value.key == "data.params"
