@@ -97,7 +97,8 @@ BROKEN = {  # id: (module source or None, spec overrides, key, message)
     "data-factory-not-callable": (GOOD + "\nLOAD = 'x'\n", {"data": "LOAD"}, "data.factory",
                                   "'{name}:LOAD' is not callable (a str)"),
     "params-not-accepted": (GOOD, {"model_params": {"latnt": 2}}, "model.params",
-                            "build(info, **params) does not accept {{'latnt': 2}} (got an unexpected"),
+                            "build(info, **params) does not accept {{'latnt': 2}} (got an "
+                            "unexpected"),
     "data-params-not-accepted": (GOOD, {"data_params": {"size": 2}}, "data.params",
                                  "load(**params) does not accept {{'size': 2}}"),
     "load-raises": (_replace('x = (torch', 'raise KeyError("no such file")\n    x = (torch'),

@@ -212,7 +212,7 @@ def test_batches_of_every_shape_move_to_the_device():
     assert moved["d"] == ("moved", "cpu")
 
 
-# --- the remedies ----------------------------------------------------------------------------------
+# --- the remedies -----------------------------------------------------------------------------
 def test_beta_ramps_from_beta_min_and_zero_is_the_papers_schedule_exactly():
     kw = {"total_steps": 100, "n_cycles": 2, "ratio": 0.5, "ramp": "linear", "beta_max": 1.0}
     assert beta_at(1, **kw, beta_min=0.1) == pytest.approx(0.1)
