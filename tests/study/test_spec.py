@@ -52,7 +52,7 @@ def _text_corpus(root: Path, prefix: str = "") -> Path:
 @pytest.mark.parametrize(
     ("file", "n_trials"),
     [("quickstart.yaml", 6), ("paper_toy.yaml", 240), ("ptb_grid.yaml", 12),
-     ("ptb_paper.yaml", 24), ("ptb_small.yaml", 36), ("ptb_ablation.yaml", 12),
+     ("ptb_paper.yaml", 48), ("ptb_small.yaml", 36), ("ptb_ablation.yaml", 12),
      ("tpe_search.yaml", 12)],
 )
 def test_examples_load(file: str, n_trials: int, monkeypatch: pytest.MonkeyPatch) -> None:
