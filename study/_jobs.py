@@ -5,19 +5,22 @@ cluster (the driver then joins the cluster through ``RAY_ADDRESS``, which Ray Jo
 spec travels in the job's ``working_dir``; klstudy itself must be installed on the cluster
 (e.g. the image in docker/) unless ``ship_code`` uploads the packages as ``py_modules``.
 
-A user's model or data module (kind ``python``) found in the spec's ``code_dir`` is uploaded
-as a ``py_modules`` entry of the job's runtime environment: a ``name.py`` file or a package
-directory. Ray puts every entry's copy on ``PYTHONPATH`` of the job's driver and of every
-worker process on every node (ray 2.60, ``_private/runtime_env/py_modules.py``:
-``set_pythonpath_in_context``), and Tune's trial actors inherit the job's runtime
-environment, so the module imports everywhere without being installed. A module that is not
-in ``code_dir`` (installed on the submitting machine) is not shipped: it must be installed on
-the cluster too.
+A user's model or data module (kind ``python``) found in the spec's ``code_dir`` — a
+``name.py`` file or a package directory — is copied into the job's ``working_dir`` next to
+``spec.yaml``. Ray unpacks the working directory on every node and puts it first on
+``PYTHONPATH`` of the job's driver and of every worker process (ray 2.60,
+``_private/runtime_env/working_dir.py``: ``set_pythonpath_in_context``); Tune's trial actors
+inherit the job's runtime environment, so the module imports everywhere without being
+installed. (``py_modules`` would take a package directory, but the Jobs SDK of ray 2.60
+uploads every local ``py_modules`` entry as a directory, so a single ``.py`` file fails
+there.) A module that is not in ``code_dir`` (installed on the submitting machine) is not
+shipped: it must be installed on the cluster too.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -105,13 +108,15 @@ def submit_study(spec_path: Path, *, address: str, study_dir: str, tracking_uri:
         (Path(tmp) / "spec.yaml").write_text(text, encoding="utf-8")
         if tracking_uri and has_secret(tracking_uri):
             runtime_env["env_vars"]["KLSTUDY_TRACKING_URI"] = tracking_uri
-        modules = [str(p) for p in factory_modules(spec_path)]
+        for module in factory_modules(spec_path):  # the user's code travels with the spec
+            if module.is_dir():
+                shutil.copytree(module, Path(tmp) / module.name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(module, Path(tmp) / module.name)
         if ship_code:
             root = Path(__file__).resolve().parent.parent
-            modules += [str(root / p) for p in _PACKAGES]
-        if modules:
-            runtime_env["py_modules"] = modules
-            runtime_env["excludes"] = ["__pycache__", "*.pyc"]
+            runtime_env["py_modules"] = [str(root / p) for p in _PACKAGES]
         job_id = client.submit_job(
             entrypoint=_entrypoint(study_dir, tracking_uri, python),
             runtime_env=runtime_env,
