@@ -89,13 +89,32 @@ def test_the_readme_shows_what_answer_py_computes_from_the_committed_table(study
     finally:
         sys.path.remove(str(EXAMPLES))
     lines = answer.answer(pd.read_csv(RESULTS / study / "finals.csv")).splitlines()
-    readme = (EXAMPLES / "README.md").read_text()
     assert lines[0].startswith("monotonic: uses z in 3 of 3 seeds (95% CI 0.29–1.00)")
-    for line in lines[:2]:  # KL, Rec, ELBO ranges of each arm
-        ranges = line.split("final test KL ")[1]
-        kl, rec = ranges.split(", Rec ")[0], ranges.split(", Rec ")[1].split(", ELBO")[0]
-        assert f"| {kl} | {rec} |" in readme, line
-    for line in lines[2:]:  # paired differences: mean ± half-width (p)
-        value = line.split(": ")[1].split(" (paired")[0]
-        p = line.split("p = ")[1].split(";")[0]
-        assert f"{value} (p {p})" in readme, line
+    for page in (EXAMPLES / "README.md", ROOT / "docs" / "custom-vae.md"):
+        text = page.read_text()
+        for line in lines[:2]:  # KL, Rec, ELBO ranges of each arm
+            ranges = line.split("final test KL ")[1]
+            kl, rec = ranges.split(", Rec ")[0], ranges.split(", Rec ")[1].split(", ELBO")[0]
+            assert f"| {kl} | {rec} |" in text, (page.name, line)
+        for line in lines[2:]:  # paired differences: mean ± half-width (p)
+            value = line.split(": ")[1].split(" (paired")[0]
+            p = line.split("p = ")[1].split(";")[0]
+            assert f"{value} (p {p})" in text, (page.name, line)
+
+
+@needs_sklearn
+def test_the_digits_decoder_can_take_z_only_in_its_initial_state():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import digits_ar
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    every, h0 = (digits_ar.build({"n_pixels": 64}, z_every_step=flag) for flag in (True, False))
+    assert (every.decoder.input_size, h0.decoder.input_size) == (1 + 8, 1)
+    x = (torch.rand(4, 64) > 0.5).float()
+    z = torch.randn(4, 8)
+    with torch.no_grad():
+        nll = h0.reconstruction_nll(x, z)
+        assert nll.shape == (4,) and not torch.allclose(nll, h0.reconstruction_nll(x, -z))

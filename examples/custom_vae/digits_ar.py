@@ -13,6 +13,8 @@ no download); a pixel is 1 when its grey level is ≥ 8 of 16.
   state ``tanh(W z)``), so p(x|z) = Π_j Bernoulli(x_j | x_<j, z). Such a decoder can model the
   images without z — the image analogue of the text VAE's KL vanishing (PixelVAE, Gulrajani et
   al. 2017; Chen et al. 2017, variational lossy autoencoder).
+  ``z_every_step: false`` gives z to the initial state only (a weaker path for z, tried as a
+  collapse-prone variant: docs/custom-vae.md).
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def load(*, n_valid: int = 250, n_test: int = 250, threshold: float = 8.0,
 
 
 class AutoregressiveDigitsVAE(nn.Module):
-    def __init__(self, *, n_pixels: int, hidden_dim: int, latent_dim: int) -> None:
+    def __init__(self, *, n_pixels: int, hidden_dim: int, latent_dim: int,
+                 z_every_step: bool = True) -> None:
         super().__init__()
+        self.z_every_step = z_every_step
         self.encoder = nn.Sequential(nn.Linear(n_pixels, hidden_dim), nn.ReLU(),
                                      nn.Linear(hidden_dim, 2 * latent_dim))
         self.z_to_h = nn.Linear(latent_dim, hidden_dim)
-        self.decoder = nn.GRU(1 + latent_dim, hidden_dim, batch_first=True)
+        self.decoder = nn.GRU(1 + latent_dim * z_every_step, hidden_dim, batch_first=True)
         self.out = nn.Linear(hidden_dim, 1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,14 +63,16 @@ class AutoregressiveDigitsVAE(nn.Module):
         image i at row k·B + i)."""
         x = x.repeat(z.shape[0] // x.shape[0], 1)
         previous = F.pad(x[:, :-1], (1, 0)).unsqueeze(-1)  # pixel j − 1 (0 before the first)
-        inputs = torch.cat([previous, z.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1)
+        inputs = previous
+        if self.z_every_step:  # z at every input too, not only in the initial state
+            inputs = torch.cat([previous, z.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1)
         outputs, _ = self.decoder(inputs, torch.tanh(self.z_to_h(z)).unsqueeze(0))
         logits = self.out(outputs).squeeze(-1)
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=1)
 
 
-def build(info: dict[str, Any], *, hidden_dim: int = 64,
-          latent_dim: int = 8) -> AutoregressiveDigitsVAE:
+def build(info: dict[str, Any], *, hidden_dim: int = 64, latent_dim: int = 8,
+          z_every_step: bool = True) -> AutoregressiveDigitsVAE:
     """The factory: ``info`` is what ``load`` returned under ``info``."""
     return AutoregressiveDigitsVAE(n_pixels=info["n_pixels"], hidden_dim=hidden_dim,
-                                   latent_dim=latent_dim)
+                                   latent_dim=latent_dim, z_every_step=z_every_step)
