@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 from study._cli_base import UserError
@@ -14,39 +16,71 @@ _CHECKPOINT_EVERY_S = 30.0
 
 
 # --- klstudy train ----------------------------------------------------------------------------
+# Defaults without --spec; with --spec every unset flag takes the spec's value (an axis: its
+# first value).
+_DEFAULTS = {"n_cycles": 4, "ratio": 0.5, "ramp": "linear", "beta_max": 1.0, "beta_min": 0.0,
+             "free_bits": 0.0, "lr_n_cycles": None, "total_steps": 4000, "seed": 0,
+             "lr": 1e-3, "lr_schedule": "constant", "grad_clip": 5.0, "iw_samples": 100}
+# The flags that choose the model or the data: with --spec, the spec's own are trained.
+_WHAT_FLAGS = {"model": "--model", "data": "--data",
+               "max_train_sentences": "--max-train-sentences", "max_vocab": "--max-vocab"}
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one trial (no Ray), printing each evaluation",
                        description="Train one trial without Ray, printing each evaluation; "
-                       "--json prints the final validation metrics as the last line.")
-    p.add_argument("--model", choices=["toy", "lstm_text"], default="toy",
-                   help="the VAE: the paper's toy (2-layer LSTM 64, z in R^2) or a text VAE")
-    p.add_argument("--data", default="toy",
-                   help="toy | ptb | a directory of train/valid/test .txt")
-    p.add_argument("--n-cycles", type=int, default=4, help="M, number of β cycles")
-    p.add_argument("--ratio", type=float, default=0.5,
-                   help="R, proportion of a cycle spent ramping")
-    p.add_argument("--ramp", choices=["linear", "sigmoid", "cosine"], default="linear",
-                   help="f, the shape of β's ramp from 0 to β_max")
-    p.add_argument("--beta-max", type=float, default=1.0, help="β in the fixing stage")
-    p.add_argument("--total-steps", type=int, default=4000, help="T, optimizer steps")
-    p.add_argument("--seed", type=int, default=0,
-                   help="initialisation and data order (evaluation has its own seeded stream)")
+                       "--json prints the final validation metrics as the last line. With "
+                       "--spec, every flag left unset takes the spec's value (an axis: its "
+                       "first value); the defaults shown apply without --spec.")
+    d = _DEFAULTS
+    p.add_argument("--spec", type=Path, default=None,
+                   help="train one trial of this study spec (any model kind, a user's factory "
+                   "too); the flags below override its values, axes default to their first")
+    p.add_argument("--model", choices=["toy", "lstm_text"], default=None,
+                   help="without --spec: the paper's toy (2-layer LSTM 64, z in R^2) or a text "
+                   "VAE (default: toy)")
+    p.add_argument("--data", default=None,
+                   help="without --spec: toy | ptb | a directory of train/valid/test .txt "
+                   "(default: toy)")
+    p.add_argument("--n-cycles", type=int, default=None,
+                   help=f"M, number of β cycles (default: {d['n_cycles']})")
+    p.add_argument("--ratio", type=float, default=None,
+                   help=f"R, proportion of a cycle spent ramping (default: {d['ratio']})")
+    p.add_argument("--ramp", choices=["linear", "sigmoid", "cosine"], default=None,
+                   help=f"f, the shape of β's ramp (default: {d['ramp']})")
+    p.add_argument("--beta-max", type=float, default=None,
+                   help=f"β in the fixing stage (default: {d['beta_max']})")
+    p.add_argument("--beta-min", type=float, default=None,
+                   help=f"where each β ramp starts (default: {d['beta_min']:g})")
+    p.add_argument("--free-bits", type=float, default=None,
+                   help=f"free bits λ, nats per latent dimension (default: {d['free_bits']:g}: "
+                   "off)")
+    p.add_argument("--total-steps", type=int, default=None,
+                   help=f"T, optimizer steps (default: {d['total_steps']})")
+    p.add_argument("--seed", type=int, default=None,
+                   help="initialisation and data order; evaluation has its own seeded stream "
+                   f"(default: {d['seed']})")
     p.add_argument("--batch-size", type=int, default=None, help="default: 10 (toy), 32 (text)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
-    p.add_argument("--lr-schedule", choices=["constant", "cyclical_cosine"], default="constant",
-                   help="cyclical_cosine restarts a cosine decay with each β cycle")
-    p.add_argument("--grad-clip", type=float, default=5.0,
-                   help="max L2 norm of the gradient (0: no clipping)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"Adam's learning rate (default: {d['lr']:g})")
+    p.add_argument("--lr-schedule", choices=["constant", "cyclical_cosine"], default=None,
+                   help="cyclical_cosine restarts a cosine decay with each learning-rate cycle "
+                   f"(default: {d['lr_schedule']})")
+    p.add_argument("--lr-n-cycles", type=int, default=None,
+                   help="cycles of a cyclical_cosine learning rate (default: M)")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help=f"max L2 norm of the gradient, 0: no clipping (default: {d['grad_clip']:g})")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps; default: total/10 (intermediate ones on 250 valid sentences)")
-    p.add_argument("--iw-samples", type=int, default=100,
-                   help="K of the final IW-NLL (within a budget of T*batch/4 rows); 0 skips")
+    p.add_argument("--iw-samples", type=int, default=None,
+                   help="K of the final IW-NLL (within a budget of T*batch/4 rows); 0 skips "
+                   f"(default: {d['iw_samples']})")
     p.add_argument("--max-train-sentences", type=int, default=None,
                    help="use only the first N training sentences (default: all)")
     p.add_argument("--max-vocab", type=int, default=None,
                    help="keep the most frequent train words (4 specials included)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest for the toy; try 2-4 for lstm_text)")
     p.add_argument("--out", type=Path, default=None, help="directory for checkpoint and results")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint file or directory")
@@ -54,43 +88,70 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_train)
 
 
-def _train_config(args: argparse.Namespace):  # -> TrialConfig
-    from workers import ConfigError, TrialConfig
+def _flag_values(args: argparse.Namespace) -> dict:
+    """The trial config fields the command line sets (flags left unset are absent)."""
+    names = {"n_cycles": "n_cycles", "ratio": "ratio", "ramp": "ramp", "beta_max": "beta_max",
+             "beta_min": "beta_min", "free_bits": "free_bits", "total_steps": "total_steps",
+             "seed": "seed", "batch_size": "batch_size", "lr": "lr",
+             "lr_schedule": "lr_schedule", "lr_n_cycles": "lr_n_cycles",
+             "grad_clip": "grad_clip", "eval_every": "eval_every_steps",
+             "iw_samples": "iw_samples", "threads": "num_threads"}
+    return {field: getattr(args, flag) for flag, field in names.items()
+            if getattr(args, flag) is not None}
 
-    if args.data in ("toy", "ptb"):
-        data, data_path = args.data, None
+
+def _builtin_base(args: argparse.Namespace):  # -> TrialConfig
+    from workers import TrialConfig
+
+    data = args.data or "toy"
+    if data in ("toy", "ptb"):
+        data_path = None
     else:
         data, data_path = "text", str(args.data)
         if not Path(data_path).is_dir():
             raise UserError("--data: must be toy, ptb or an existing directory, "
                             f"got {args.data!r}")
-    text_model = args.model == "lstm_text"
-    config = TrialConfig(
-        model=args.model,
-        data=data,
-        data_path=data_path,
-        max_train_sentences=args.max_train_sentences, max_vocab=args.max_vocab,
-        total_steps=args.total_steps,
-        batch_size=args.batch_size or (32 if text_model else 10),
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        grad_clip=args.grad_clip,
-        n_cycles=args.n_cycles,
-        ratio=args.ratio,
-        ramp=args.ramp,
-        beta_max=args.beta_max,
-        eval_every_steps=args.eval_every or max(1, args.total_steps // 10),
-        eval_batch_size=256,
-        iw_samples=args.iw_samples,
-        seed=args.seed,
-        device=args.device,
-        num_threads=args.threads,
-        trial_id=f"train-seed{args.seed}",
-    )
+    model = args.model or "toy"
+    return TrialConfig(model=model, data=data, data_path=data_path,
+                       max_train_sentences=args.max_train_sentences, max_vocab=args.max_vocab,
+                       batch_size=32 if model == "lstm_text" else 10, eval_batch_size=256,
+                       num_threads=1, **_DEFAULTS)
+
+
+def _spec_base(args: argparse.Namespace):  # -> TrialConfig
+    from study._spec import SpecError, load_spec
+
+    given = [flag for field, flag in _WHAT_FLAGS.items() if getattr(args, field) is not None]
+    if given:
+        raise UserError(f"{given[0]}: not used with --spec (the spec's model and data are "
+                        f"trained), got {getattr(args, given[0][2:].replace('-', '_'))!r}")
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+    from study.cli import _check_factories
+
+    _check_factories(spec)
+    return spec.base_config()
+
+
+def _train_config(args: argparse.Namespace):  # -> TrialConfig
+    from workers import ConfigError
+
+    base = _spec_base(args) if args.spec is not None else _builtin_base(args)
+    values = _flag_values(args)
+    total = values.get("total_steps", base.total_steps)
+    if "eval_every_steps" not in values and (args.spec is None or "total_steps" in values):
+        values["eval_every_steps"] = max(1, total // 10)
+    seed = values.get("seed", base.seed)
+    config = dataclasses.replace(base, **values, device=args.device,
+                                 trial_id=f"train-seed{seed}")
     try:
         config.check()
     except ConfigError as exc:
-        raise UserError(f"--{exc.field.replace('_', '-')}: {exc.message}") from None
+        flag = {"eval_every_steps": "eval-every", "num_threads": "threads"}.get(exc.field,
+                                                                                  exc.field)
+        raise UserError(f"--{flag.replace('_', '-')}: {exc.message}") from None
     return config
 
 
@@ -113,7 +174,7 @@ def _format_evaluation(ev, total_steps: int) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from workers import CheckpointError, DataError, train_trial
+    from workers import CheckpointError, DataError, PluginError, train_trial
 
     config = _train_config(args)
     out: Path | None = args.out
@@ -126,12 +187,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train_trial(config, report=report, checkpoint_dir=out, resume_from=args.resume,
                              checkpoint_every_s=_CHECKPOINT_EVERY_S)
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, PluginError) as exc:
         raise UserError(str(exc)) from None
     if not result.evaluations:
         raise UserError(f"--resume: the checkpoint is already at step {result.step} of "
                         f"--total-steps {config.total_steps}; nothing left to train")
-    final = dict(result.final)
+    # a metric the data cannot give (PPL without token counts) is NaN: null in JSON
+    final = {k: None if isinstance(v, float) and math.isnan(v) else v
+             for k, v in result.final.items()}
     if out is not None:
         mode = "a" if args.resume is not None else "w"  # a resumed run extends its history
         with open(out / "evaluations.jsonl", mode) as f:

@@ -4,11 +4,23 @@ The job's entrypoint is ``python -m study.cli run spec.yaml --study-dir DIR`` ex
 cluster (the driver then joins the cluster through ``RAY_ADDRESS``, which Ray Jobs sets). The
 spec travels in the job's ``working_dir``; klstudy itself must be installed on the cluster
 (e.g. the image in docker/) unless ``ship_code`` uploads the packages as ``py_modules``.
+
+A user's model or data module (kind ``python``) found in the spec's ``code_dir`` — a
+``name.py`` file or a package directory — is copied into the job's ``working_dir`` next to
+``spec.yaml``. Ray unpacks the working directory on every node and puts it first on
+``PYTHONPATH`` of the job's driver and of every worker process (ray 2.60,
+``_private/runtime_env/working_dir.py``: ``set_pythonpath_in_context``); Tune's trial actors
+inherit the job's runtime environment, so the module imports everywhere without being
+installed. (``py_modules`` would take a package directory, but the Jobs SDK of ray 2.60
+uploads every local ``py_modules`` entry as a directory, so a single ``.py`` file fails
+there.) A module that is not in ``code_dir`` (installed on the submitting machine) is not
+shipped: it must be installed on the cluster too.
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -54,10 +66,33 @@ def _entrypoint(study_dir: str, tracking_uri: str | None, python: str) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def factory_modules(spec_path: Path) -> list[Path]:
+    """The files (``name.py``) and packages (``name/__init__.py``) in the spec's ``code_dir``
+    that hold its factories' top-level modules: what ``submit`` ships."""
+    from study._spec import load_spec
+
+    spec = load_spec(spec_path)
+    if not spec.uses_factories() or spec.code_dir is None:
+        return []
+    found: list[Path] = []
+    for ref in (spec.model.factory, spec.data.factory):
+        if ref is None:
+            continue
+        top = ref.split(":", 1)[0].split(".", 1)[0]
+        root = Path(spec.code_dir)
+        for candidate in (root / top, root / f"{top}.py"):
+            is_package = candidate.is_dir() and (candidate / "__init__.py").is_file()
+            if (is_package or candidate.is_file()) and candidate not in found:
+                found.append(candidate)
+                break
+    return found
+
+
 def submit_study(spec_path: Path, *, address: str, study_dir: str, tracking_uri: str | None = None,
                  ship_code: bool = False, python: str = "python",
                  env_vars: dict[str, str] | None = None) -> Submission:
-    """Submit the study in ``spec_path`` to the cluster whose dashboard is at ``address``."""
+    """Submit the study in ``spec_path`` to the cluster whose dashboard is at ``address``;
+    the spec's own model/data modules go with it (:func:`factory_modules`)."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -73,6 +108,12 @@ def submit_study(spec_path: Path, *, address: str, study_dir: str, tracking_uri:
         (Path(tmp) / "spec.yaml").write_text(text, encoding="utf-8")
         if tracking_uri and has_secret(tracking_uri):
             runtime_env["env_vars"]["KLSTUDY_TRACKING_URI"] = tracking_uri
+        for module in factory_modules(spec_path):  # the user's code travels with the spec
+            if module.is_dir():
+                shutil.copytree(module, Path(tmp) / module.name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(module, Path(tmp) / module.name)
         if ship_code:
             root = Path(__file__).resolve().parent.parent
             runtime_env["py_modules"] = [str(root / p) for p in _PACKAGES]

@@ -19,8 +19,11 @@ from workers import TrialConfig
 def tpe_trial_id(index: int, params: dict[str, Any], seed: int) -> str:
     lr = {"cyclical_cosine": "-lrcos", "constant": "-lrconst"}.get(
         params.get("lr_schedule", ""), "")
+    extra = "".join(f"-{tag}{params[name]}" for name, tag in
+                    (("beta_min", "bmin"), ("lr_n_cycles", "lrc"), ("free_bits", "fb"))
+                    if name in params)
     return (f"tpe{index:04d}-M{params['n_cycles']}-R{params['ratio']}-{params['ramp']}"
-            f"-b{params['beta_max']}{lr}-s{seed}")
+            f"-b{params['beta_max']}{lr}{extra}-s{seed}")
 
 
 class OptunaTPESearcher(Searcher):

@@ -35,6 +35,17 @@ def _load_spec(path: Path):  # -> (StudySpec, text)
     return spec, path.read_text()
 
 
+def _check_factories(spec, *, one_batch: bool = True) -> str | None:
+    """A spec's user model/data factories (kind python), checked (study._plugin_check)."""
+    from study._plugin_check import check_factories
+    from study._spec import SpecError
+
+    try:
+        return check_factories(spec, one_batch=one_batch)
+    except SpecError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate",
                        help="check a study spec and print how many trials it expands to",
@@ -48,8 +59,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     spec, _ = _load_spec(args.spec)
     axes = spec.search_space()
     shape = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+    checked = _check_factories(spec)
     print(f"{args.spec}: ok — study {spec.name!r}, {spec.n_trials()} trials "
           f"({spec.search.kind}: {shape} x {len(spec.seeds)} seeds)")
+    if checked:
+        print(f"  model {spec.model.factory or spec.model.kind}, data "
+              f"{spec.data.factory or spec.data.kind}: {checked}")
     return 0
 
 
@@ -125,6 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from study._driver import StudyError, run_study
 
     spec, text = _storage_from_env(*_load_spec(args.spec))
+    _check_factories(spec)  # a broken user module fails here, not in every trial
     study_dir = (args.study_dir or Path("klstudy-runs") / spec.name).expanduser()
     print(f"study {spec.name!r}: {spec.n_trials()} trials -> {study_dir}", flush=True)
     _show_progress()
@@ -216,6 +232,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from study._jobs import check_cluster_tracking, follow_job, submit_study
 
     spec, _ = _load_spec(args.spec)
+    _check_factories(spec, one_batch=False)  # the data may live on the cluster: imports only
     try:
         check_cluster_tracking(args.tracking_uri or spec.tracking.uri)
     except ValueError as exc:

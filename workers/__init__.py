@@ -1,12 +1,16 @@
 """klstudy's trial side: the β schedule, data, the sentence VAE, metrics and the trainer.
 
+Models and data sets come from factories (DESIGN §8: ``build(info, **params)``,
+``load(**params)``), the built-in ones included (``workers._plugins``).
+
 Imports neither ``study`` nor ``analysis``; Ray appears only in ``workers._trainable``, MLflow
 only there and in the spool (``workers._spool*``), imported lazily.
 """
 
 from __future__ import annotations
 
-from workers._config import MODEL_DEFAULTS, PRECISIONS, ConfigError, TrialConfig
+from workers._config import MODEL_DEFAULTS, PRECISIONS, ConfigError, PluginError, TrialConfig
+from workers._contract import ContractCheck, check_contract
 from workers._data import (
     PTB_COUNTS,
     Batch,
@@ -26,12 +30,28 @@ from workers._metrics import (
     importance_weighted_nll,
     mutual_information,
 )
-from workers._models import ModelShape, SentenceVAE, gaussian_kl, log_normal, reparameterize
+from workers._models import (
+    ModelShape,
+    SentenceVAE,
+    build_sentence_vae,
+    gaussian_kl,
+    log_normal,
+    reparameterize,
+)
+from workers._plugin_data import MappingData, TrialData, as_trial_data, to_device
+from workers._plugins import (
+    BUILTIN_DATA,
+    BUILTIN_MODELS,
+    build_trial_model,
+    import_factory,
+    load_trial_data,
+)
 from workers._records import (
     CONFIG_COLUMNS,
     EVAL_COLUMNS,
     LATENT_COLUMNS,
     METRIC_COLUMNS,
+    REMEDY_COLUMNS,
     STATUSES,
     TRIAL_COLUMNS,
     config_columns,
@@ -60,11 +80,27 @@ from workers._trainer import (
     NonFiniteLossError,
     TrialResult,
     build_model,
+    kl_term,
     load_trial_corpus,
     train_trial,
 )
 
 __all__ = [
+    "BUILTIN_DATA",
+    "BUILTIN_MODELS",
+    "ContractCheck",
+    "MappingData",
+    "PluginError",
+    "REMEDY_COLUMNS",
+    "TrialData",
+    "as_trial_data",
+    "build_sentence_vae",
+    "build_trial_model",
+    "check_contract",
+    "import_factory",
+    "kl_term",
+    "load_trial_data",
+    "to_device",
     "CONFIG_COLUMNS",
     "EVAL_COLUMNS",
     "LATENT_COLUMNS",

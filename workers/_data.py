@@ -177,9 +177,25 @@ class Corpus:
     def n_sentences(self, split: str) -> int:
         return len(self.splits[split])
 
+    n_examples = n_sentences  # the name of the trainer's data protocol (workers._plugin_data)
+
     def n_predicted_tokens(self, split: str) -> int:
         """Words plus one ``</s>`` per sentence: the denominator of PPL."""
         return sum(len(s) + 1 for s in self.splits[split])
+
+    def n_tokens(self, split: str, max_sentences: int | None = None) -> int:
+        """Predicted tokens of the split, or of its fixed-seed subset of ``max_sentences``
+        (the sentences :meth:`eval_batches` yields)."""
+        sents = self.splits[split]
+        return sum(len(sents[i]) + 1 for i in fixed_subset(len(sents), max_sentences))
+
+    @property
+    def info(self) -> dict[str, object]:
+        """What a model factory gets (DESIGN §8): the vocabulary, its size, the special ids
+        and the predicted tokens (words + ``</s>``) of each split."""
+        return {"vocab": self.vocab, "vocab_size": len(self.vocab), "pad_id": PAD_ID,
+                "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
+                "n_tokens": {split: self.n_predicted_tokens(split) for split in self.splits}}
 
     def train_batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.splits["train"]) / batch_size)
@@ -327,6 +343,21 @@ def find_text_files(path: str | Path) -> dict[str, Path]:
     raise DataError(
         f"data.path: {str(path)!r} must hold train.txt valid.txt test.txt (or ptb.train.txt …)"
     )
+
+
+def load_toy(**options: int | None) -> Corpus:
+    """The data factory of ``data: {kind: toy}`` (DESIGN §8 ``load(**params)``)."""
+    return load_corpus("toy", **options)  # type: ignore[arg-type]
+
+
+def load_ptb(**options: int | None) -> Corpus:
+    """The data factory of ``data: {kind: ptb}``."""
+    return load_corpus("ptb", **options)  # type: ignore[arg-type]
+
+
+def load_text(*, path: str | None = None, **options: int | None) -> Corpus:
+    """The data factory of ``data: {kind: text, path: DIR}``."""
+    return load_corpus("text", path=path, **options)  # type: ignore[arg-type]
 
 
 def load_corpus(

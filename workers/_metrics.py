@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
+from workers import _models
 from workers._data import Batch, fixed_subset
-from workers._models import SentenceVAE, gaussian_kl, log_normal, reparameterize
+from workers._models import gaussian_kl, log_normal, reparameterize
+from workers._plugin_data import to_device
 
 AU_THRESHOLD = 0.01  # variance over x of E_q[z|x] that makes a latent dimension "active"
 DECODE_BUDGET_BYTES = 128 * 2**20  # float32 logits of one decoder pass: rows × length × vocab × 4
+# A model without reconstruction_nll_within decodes at most this many rows (whole samples of
+# the batch, at least one) per call during evaluation and the IW-NLL.
+DECODE_ROWS_PER_CALL = 4096
 MI_MAX_SENTENCES = 2000  # MI's aggregate posterior: all evaluated sentences, or this many
 _REC_SAMPLE_BUDGET = 256  # decoder passes per evaluation batch for Rec (see rec_samples)
 _MI_SAMPLE_BUDGET = 2048  # posterior samples in all for the MI estimate (see mi_samples)
@@ -101,58 +107,39 @@ def mi_samples(n_sentences: int) -> int:
 
 def rows_per_pass(length: int, vocab_size: int, *, budget_bytes: int = DECODE_BUDGET_BYTES) -> int:
     """Decoder rows whose float32 logits (rows × length × vocab × 4 bytes) fit the budget (≥ 1)."""
-    return max(1, budget_bytes // (4 * length * vocab_size))
+    return _models.rows_per_pass(length, vocab_size, budget_bytes=budget_bytes)
 
 
-def sentence_nll(
-    model: SentenceVAE, batch: Batch, z: torch.Tensor, *, budget_bytes: int = DECODE_BUDGET_BYTES
-) -> torch.Tensor:
-    """−log p(x|z) for ``z`` ``[R, d]``, row r a sample for sentence ``r mod B`` (sample-major,
-    as :meth:`SentenceVAE.reconstruction_nll`), decoded within a memory budget.
+def decode_nll(model: torch.nn.Module, batch: Any, z: torch.Tensor, *, n_examples: int,
+               budget_bytes: int = DECODE_BUDGET_BYTES) -> torch.Tensor:
+    """−log p(x|z) ``[R]`` for ``z`` ``[R, d]`` (R = k·B, sample-major), within memory bounds.
 
-    One call when all R rows fit :func:`rows_per_pass`; otherwise rows are taken shortest
-    first and packed into passes whose logits (rows × the longest row's length × vocab × 4
-    bytes) fit ``budget_bytes``, each cut to its longest row. The result equals one unchunked
-    call up to float rounding (padding never reaches a sentence's terms).
+    A model with the contract's optional ``reconstruction_nll_within(batch, z, budget_bytes=)``
+    decodes within the byte budget itself (the built-in LSTM packs rows shortest first);
+    any other model gets ``reconstruction_nll`` calls of whole samples, at most
+    :data:`DECODE_ROWS_PER_CALL` rows each (at least one sample of the batch).
     """
-    n_rows, vocab = z.shape[0], model.shape.vocab_size
-    if rows_per_pass(batch.tokens.shape[1] - 1, vocab, budget_bytes=budget_bytes) >= n_rows:
+    within = getattr(model, "reconstruction_nll_within", None)
+    if within is not None:
+        return within(batch, z, budget_bytes=budget_bytes)
+    n_rows = z.shape[0]
+    per_call = max(1, DECODE_ROWS_PER_CALL // n_examples) * n_examples
+    if per_call >= n_rows:
         return model.reconstruction_nll(batch, z)
-    row_lengths = batch.lengths.repeat(n_rows // len(batch))  # predicted tokens of each row
-    order = torch.argsort(row_lengths, stable=True)
-    sorted_lengths = row_lengths[order].tolist()
-    positions = max(1, budget_bytes // (4 * vocab))  # row × token positions per pass
-    rows_done, values = [], []
-    start = 0
-    while start < n_rows:
-        stop = _pass_end(sorted_lengths, start, positions)
-        rows = order[start:stop]
-        sentences = rows % len(batch)
-        lengths = batch.lengths[sentences]
-        tokens = batch.tokens[sentences, : sorted_lengths[stop - 1] + 1]
-        values.append(model.reconstruction_nll(Batch(tokens, lengths), z[rows]))
-        rows_done.append(rows)
-        start = stop
-    out = torch.empty(n_rows, dtype=values[0].dtype, device=values[0].device)
-    out[torch.cat(rows_done)] = torch.cat(values)
-    return out
+    return torch.cat([model.reconstruction_nll(batch, z[start:start + per_call])
+                      for start in range(0, n_rows, per_call)])
 
 
-def _pass_end(sorted_lengths: list[int], start: int, positions: int) -> int:
-    """The largest ``stop`` > start with (stop − start) · sorted_lengths[stop − 1] ≤ positions
-    (at least one row): the product grows with ``stop``, so a binary search finds it."""
-    lo, hi = start + 1, len(sorted_lengths)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if (mid - start) * sorted_lengths[mid - 1] <= positions:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def batch_tokens(batch: Any) -> int | None:
+    """Predicted tokens of a klstudy text :class:`Batch` (words + ``</s>``); None otherwise."""
+    return int(batch.lengths.sum()) if isinstance(batch, Batch) else None
 
 
-def perplexity(total_nll: float, n_tokens: int) -> float:
-    """exp(total_nll / n_tokens); inf where that overflows (a diverged, still finite model)."""
+def perplexity(total_nll: float, n_tokens: float | None) -> float:
+    """exp(total_nll / n_tokens); inf where that overflows (a diverged, still finite model);
+    NaN when the token count is unknown (None)."""
+    if n_tokens is None:
+        return math.nan
     try:
         return math.exp(total_nll / n_tokens)
     except OverflowError:
@@ -161,37 +148,44 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: SentenceVAE,
-    batches: Iterable[Batch],
+    model: torch.nn.Module,
+    batches: Iterable[Any],
     *,
     device: torch.device,
     generator: torch.Generator,
     budget_bytes: int = DECODE_BUDGET_BYTES,
+    n_tokens: float | None = None,
 ) -> dict[str, float]:
-    """rec, kl, elbo (β = 1), nll_elbo, ppl, au, mi over all sentences of ``batches``.
+    """rec, kl, elbo (β = 1), nll_elbo, ppl, au, mi over all examples of ``batches``.
 
-    ``rec`` averages ``rec_samples`` posterior samples per sentence (1 for batches ≥ 256);
-    ``au`` and ``mi`` use the posteriors of every sentence (see
+    ``rec`` averages ``rec_samples`` posterior samples per example (1 for batches ≥ 256);
+    ``au`` and ``mi`` use the posteriors of every example (see
     :func:`aggregate_mutual_information`), so neither depends on how ``batches`` is cut.
+    ``ppl`` divides by ``n_tokens`` when given, else by the tokens of klstudy's text batches
+    (:func:`batch_tokens`); it is NaN when neither is known (a user's data without token
+    counts).
     """
     was_training = model.training
     model.eval()
     # MI draws from its own generator, seeded first, so it does not depend on the batches.
     mi_seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
     rec_sum = kl_sum = 0.0
-    n_sent = n_tok = 0
+    n_sent = 0
+    counted: int | None = 0
     mus, logvars = [], []
     for batch in batches:
-        batch = batch.to(device)
+        batch = to_device(batch, device)
         mu, logvar = model.encode(batch)
-        k_rec = rec_samples(len(batch))
+        size = mu.shape[0]
+        k_rec = rec_samples(size)
         z = reparameterize(mu.repeat(k_rec, 1), logvar.repeat(k_rec, 1), generator=generator)
-        rec_sum += float(sentence_nll(model, batch, z, budget_bytes=budget_bytes).sum()) / k_rec
+        nll = decode_nll(model, batch, z, n_examples=size, budget_bytes=budget_bytes)
+        rec_sum += float(nll.sum()) / k_rec
         kl_sum += float(gaussian_kl(mu, logvar).sum())
         mus.append(mu)
         logvars.append(logvar)
-        n_sent += len(batch)
-        n_tok += int(batch.lengths.sum())
+        n_sent += size
+        counted = _add_tokens(counted, batch)
     model.train(was_training)
     mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
     rec, kl = rec_sum / n_sent, kl_sum / n_sent
@@ -200,7 +194,7 @@ def evaluate(
         "kl": kl,
         "elbo": -(rec + kl),
         "nll_elbo": rec + kl,
-        "ppl": perplexity(rec_sum + kl_sum, n_tok),
+        "ppl": perplexity(rec_sum + kl_sum, n_tokens if n_tokens is not None else counted),
         "au": float(active_units(mu_all.cpu())),
         "mi": aggregate_mutual_information(
             mu_all, logvar_all,
@@ -211,8 +205,8 @@ def evaluate(
 
 @torch.no_grad()
 def importance_weights(
-    model: SentenceVAE,
-    batch: Batch,
+    model: torch.nn.Module,
+    batch: Any,
     *,
     n_samples: int,
     generator: torch.Generator,
@@ -221,46 +215,56 @@ def importance_weights(
     """log w_k = log p(x|z_k) + log p(z_k) − log q(z_k|x), z_k ~ q(z|x): ``[K, B]``.
 
     All K·B latent samples are drawn at once (so the result does not depend on the memory
-    budget); the decoder then runs in passes of :func:`rows_per_pass` rows.
+    budget); the decoder then runs in passes (:func:`decode_nll`).
     """
     mu, logvar = model.encode(batch)
+    size = mu.shape[0]
     mu_k, logvar_k = mu.repeat(n_samples, 1), logvar.repeat(n_samples, 1)
     z = reparameterize(mu_k, logvar_k, generator=generator)
-    log_px_z = -sentence_nll(model, batch, z, budget_bytes=budget_bytes)
+    log_px_z = -decode_nll(model, batch, z, n_examples=size, budget_bytes=budget_bytes)
     log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
     log_qz = log_normal(z, mu_k, logvar_k)
-    return (log_px_z + log_pz - log_qz).view(n_samples, len(batch))
+    return (log_px_z + log_pz - log_qz).view(n_samples, size)
 
 
 @torch.no_grad()
 def importance_weighted_nll(
-    model: SentenceVAE,
-    batches: Iterable[Batch],
+    model: torch.nn.Module,
+    batches: Iterable[Any],
     *,
     n_samples: int,
     device: torch.device,
     generator: torch.Generator,
     budget_bytes: int = DECODE_BUDGET_BYTES,
+    n_tokens: float | None = None,
 ) -> dict[str, float]:
     """−log p(x) ≥ estimate with K = ``n_samples`` importance samples from q(z|x).
 
     log p(x) ≈ logsumexp_k [log p(x|z_k) + log p(z_k) − log q(z_k|x)] − log K. Also returns
-    ``iw_gap``: the mean over sentences of (−mean_k log w_k) − (−log p̂(x)) ≥ 0, how much
-    tighter than the ELBO (estimated from the same K samples) the bound is.
+    ``iw_gap``: the mean over examples of (−mean_k log w_k) − (−log p̂(x)) ≥ 0, how much
+    tighter than the ELBO (estimated from the same K samples) the bound is. ``iw_ppl``
+    counts tokens as :func:`evaluate` does.
     """
     was_training = model.training
     model.eval()
     nll_sum = gap_sum = 0.0
-    n_sent = n_tok = 0
+    n_sent = 0
+    counted: int | None = 0
     for batch in batches:
-        batch = batch.to(device)
+        batch = to_device(batch, device)
         log_w = importance_weights(model, batch, n_samples=n_samples, generator=generator,
                                    budget_bytes=budget_bytes)
         log_px = torch.logsumexp(log_w, dim=0) - math.log(n_samples)
         nll_sum -= float(log_px.sum())
         gap_sum += float((log_px - log_w.mean(dim=0)).sum())
-        n_sent += len(batch)
-        n_tok += int(batch.lengths.sum())
+        n_sent += log_w.shape[1]
+        counted = _add_tokens(counted, batch)
     model.train(was_training)
-    return {"iw_nll": nll_sum / n_sent, "iw_ppl": perplexity(nll_sum, n_tok),
+    tokens = n_tokens if n_tokens is not None else counted
+    return {"iw_nll": nll_sum / n_sent, "iw_ppl": perplexity(nll_sum, tokens),
             "iw_gap": gap_sum / n_sent}
+
+
+def _add_tokens(counted: int | None, batch: Any) -> int | None:
+    tokens = batch_tokens(batch)
+    return None if counted is None or tokens is None else counted + tokens

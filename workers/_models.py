@@ -4,12 +4,19 @@ Encoder: an LSTM reads ``w_1 … w_L </s>``; its top-layer output at the last re
 (μ, log σ²) of a diagonal Gaussian q(z|x). Decoder (Bowman et al. 2016 / sa-vae): an LSTM whose
 initial hidden state is a linear map of z and whose every input embedding is concatenated with z,
 with dropout on its inputs and outputs. Padding never enters a loss: targets at ``<pad>`` are ignored.
+
+It is built like any user's model (DESIGN §8): :func:`build_sentence_vae` is the factory of the
+built-in kinds ``toy`` and ``lstm_text`` (``build(info, **params)``), and the model has
+``encode`` and ``reconstruction_nll``. It also has the contract's optional
+``reconstruction_nll_within`` (decoding within a memory budget), which evaluation uses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +85,72 @@ class SentenceVAE(nn.Module):
             logits.reshape(-1, s.vocab_size), targets.reshape(-1), ignore_index=PAD_ID, reduction="none"
         )
         return nll.view(targets.shape).sum(dim=1)
+
+
+    def reconstruction_nll_within(self, batch: Batch, z: torch.Tensor, *,
+                                  budget_bytes: int) -> torch.Tensor:
+        """:meth:`reconstruction_nll` decoded in passes whose logits fit ``budget_bytes``."""
+        return packed_nll(self, batch, z, budget_bytes=budget_bytes)
+
+
+def build_sentence_vae(info: Mapping[str, Any], *, emb_dim: int, hidden_dim: int,
+                       latent_dim: int, n_layers: int, dropout: float) -> SentenceVAE:
+    """The model factory of the built-in kinds (``toy``, ``lstm_text``): ``info`` is the
+    corpus's (``vocab_size``), the sizes come from the resolved trial config."""
+    return SentenceVAE(ModelShape(vocab_size=int(info["vocab_size"]), emb_dim=emb_dim,
+                                  hidden_dim=hidden_dim, latent_dim=latent_dim,
+                                  n_layers=n_layers, dropout=dropout))
+
+
+def rows_per_pass(length: int, vocab_size: int, *, budget_bytes: int) -> int:
+    """Decoder rows whose float32 logits (rows × length × vocab × 4 bytes) fit the budget (≥ 1)."""
+    return max(1, budget_bytes // (4 * length * vocab_size))
+
+
+def packed_nll(model: SentenceVAE, batch: Batch, z: torch.Tensor, *,
+               budget_bytes: int) -> torch.Tensor:
+    """−log p(x|z) for ``z`` ``[R, d]``, row r a sample for sentence ``r mod B`` (sample-major,
+    as :meth:`SentenceVAE.reconstruction_nll`), decoded within a memory budget.
+
+    One call when all R rows fit :func:`rows_per_pass`; otherwise rows are taken shortest
+    first and packed into passes whose logits (rows × the longest row's length × vocab × 4
+    bytes) fit ``budget_bytes``, each cut to its longest row. The result equals one unchunked
+    call up to float rounding (padding never reaches a sentence's terms).
+    """
+    n_rows, vocab = z.shape[0], model.shape.vocab_size
+    if rows_per_pass(batch.tokens.shape[1] - 1, vocab, budget_bytes=budget_bytes) >= n_rows:
+        return model.reconstruction_nll(batch, z)
+    row_lengths = batch.lengths.repeat(n_rows // len(batch))  # predicted tokens of each row
+    order = torch.argsort(row_lengths, stable=True)
+    sorted_lengths = row_lengths[order].tolist()
+    positions = max(1, budget_bytes // (4 * vocab))  # row × token positions per pass
+    rows_done, values = [], []
+    start = 0
+    while start < n_rows:
+        stop = _pass_end(sorted_lengths, start, positions)
+        rows = order[start:stop]
+        sentences = rows % len(batch)
+        lengths = batch.lengths[sentences]
+        tokens = batch.tokens[sentences, : sorted_lengths[stop - 1] + 1]
+        values.append(model.reconstruction_nll(Batch(tokens, lengths), z[rows]))
+        rows_done.append(rows)
+        start = stop
+    out = torch.empty(n_rows, dtype=values[0].dtype, device=values[0].device)
+    out[torch.cat(rows_done)] = torch.cat(values)
+    return out
+
+
+def _pass_end(sorted_lengths: list[int], start: int, positions: int) -> int:
+    """The largest ``stop`` > start with (stop − start) · sorted_lengths[stop − 1] ≤ positions
+    (at least one row): the product grows with ``stop``, so a binary search finds it."""
+    lo, hi = start + 1, len(sorted_lengths)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if (mid - start) * sorted_lengths[mid - 1] <= positions:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _lstm(

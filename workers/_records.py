@@ -23,19 +23,29 @@ from workers._trainer import Evaluation
 
 CONFIG_COLUMNS: tuple[str, ...] = ("model", "data", "n_cycles", "ratio", "ramp", "beta_max", "seed",
                                    "total_steps", "lr_schedule")
+# The model-agnostic remedies (DESIGN §8), configuration keys too: β's ramp start, the free-bits
+# floor λ (nats per latent dimension) and the learning rate's own cycles (resolved: M when the
+# trial has none of its own). Kept apart from CONFIG_COLUMNS, which older studies' MLflow runs
+# all carry as params.
+REMEDY_COLUMNS: tuple[str, ...] = ("beta_min", "free_bits", "lr_n_cycles")
 METRIC_COLUMNS: tuple[str, ...] = ("beta", "lr", "loss", "rec", "kl", "elbo", "nll_elbo", "ppl",
                                    "au", "mi", "iw_nll", "iw_ppl")
-EVAL_COLUMNS: tuple[str, ...] = ("study", "trial_id", *CONFIG_COLUMNS, "step", "split", "final",
-                                 "at_beta_max", *METRIC_COLUMNS)
+EVAL_COLUMNS: tuple[str, ...] = ("study", "trial_id", *CONFIG_COLUMNS, *REMEDY_COLUMNS, "step",
+                                 "split", "final", "at_beta_max", *METRIC_COLUMNS)
 LATENT_COLUMNS: tuple[str, ...] = ("study", "trial_id", "step", "index", "z0", "z1")
-TRIAL_COLUMNS: tuple[str, ...] = ("study", "trial_id", *CONFIG_COLUMNS, "status", "last_step",
-                                  "pruned_at_step", "error", "mlflow_run_id", "node_ip")
+TRIAL_COLUMNS: tuple[str, ...] = ("study", "trial_id", *CONFIG_COLUMNS, *REMEDY_COLUMNS,
+                                  "status", "last_step", "pruned_at_step", "error",
+                                  "mlflow_run_id", "node_ip")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 STATUSES: tuple[str, ...] = ("pending", "running", "completed", "pruned", "error")
 
 
 def config_columns(config: TrialConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in CONFIG_COLUMNS}
+    """The configuration columns of a trial's rows (as its MLflow params,
+    :meth:`TrialConfig.to_params`: ``lr_n_cycles`` resolved)."""
+    values = {name: getattr(config, name) for name in CONFIG_COLUMNS}
+    return values | {"beta_min": config.beta_min, "free_bits": config.free_bits,
+                     "lr_n_cycles": config.lr_cycles}
 
 
 def evaluation_rows(study: str, config: TrialConfig, ev: Evaluation) -> list[dict[str, Any]]:

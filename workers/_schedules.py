@@ -73,6 +73,7 @@ def beta_at(
     ratio: float,
     ramp: Ramp = "linear",
     beta_max: float = 1.0,
+    beta_min: float = 0.0,
 ) -> float:
     """β at optimizer step ``step`` (1-based), per the paper's eq. 6–7.
 
@@ -83,9 +84,11 @@ def beta_at(
         ratio: R ∈ [0, 1], the proportion of each cycle spent ramping; R = 0 is the constant schedule.
         ramp: the ramp function g.
         beta_max: β in the fixing stage, > 0.
+        beta_min: where each ramp starts, in [0, β_max] (the official PTB scripts start at
+            0.1); 0 is the paper's schedule.
 
     Returns:
-        β_max · g(τ/R) while τ ≤ R (R > 0), β_max otherwise.
+        β_min + (β_max − β_min) · g(τ/R) while τ ≤ R (R > 0), β_max otherwise.
 
     Raises:
         ValueError: for an argument outside the ranges above.
@@ -94,10 +97,13 @@ def beta_at(
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     if not beta_max > 0.0:
         raise ValueError(f"beta_max must be > 0, got {beta_max}")
+    if not 0.0 <= beta_min <= beta_max:
+        raise ValueError(f"beta_min must be in [0, beta_max={beta_max}], got {beta_min}")
     _check_ramp(ramp)
     tau = cycle_position(step, total_steps=total_steps, n_cycles=n_cycles)
     if ratio > 0.0 and tau <= ratio:
-        return beta_max * ramp_value(tau / ratio, ramp)
+        # β_min = 0 gives exactly β_max · g (0 + x and x − 0 are exact): the paper's schedule
+        return beta_min + (beta_max - beta_min) * ramp_value(tau / ratio, ramp)
     return beta_max
 
 
@@ -186,7 +192,12 @@ def lr_at(
     total_steps: int,
     n_cycles: int,
 ) -> float:
-    """Learning rate at step t: constant, or lr · ½(1 + cos(π·τ)) restarting with each β cycle."""
+    """Learning rate at step t: constant, or lr · ½(1 + cos(π·τ)) restarting every cycle.
+
+    ``n_cycles`` is the number of learning-rate cycles: the β schedule's M by default
+    (``TrialConfig.lr_n_cycles`` None), or a count of its own (paper Table 4's "Mon β + Cyc η":
+    M = 1 for β, several cycles for η).
+    """
     if schedule == "constant":
         _check_step(step, total_steps, n_cycles)
         return lr

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from workers._config import ConfigError, TrialConfig
+from workers._config import ConfigError, PluginError, TrialConfig
 from workers._data import DataError
 from workers._records import mlflow_metrics
 from workers._secrets import reveal
@@ -49,7 +49,7 @@ HISTORY_KEY = "klstudy_history"  # in final_result.json: what the worker reporte
 REPLAYED_KEY = "replayed"  # a result re-reported from a final checkpoint, not trained again
 # in the Tune config's "study": {trial id: final_result.json path} from an earlier experiment
 FINAL_RESULTS_KEY = "final_results"
-DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, ConfigError, CheckpointError)
+DETERMINISTIC_ERRORS = (NonFiniteLossError, DataError, ConfigError, CheckpointError, PluginError)
 # Tune copies every reported checkpoint into the study directory; on short evaluation intervals
 # that copying costs more than the training. A killed study loses at most this much per trial.
 _CHECKPOINT_EVERY_S = 30.0
@@ -91,7 +91,7 @@ class TrialRunLogger:
     def start(self) -> None:
         """Mark the run running (also a run an earlier attempt left FAILED) and log the config."""
         self.spool.set_status(self.key, "RUNNING", tags={"klstudy.status": "running"})
-        self.spool.log_params(self.key, self.config.to_dict())
+        self.spool.log_params(self.key, self.config.to_params())
         self.spool.log_dict(self.key, self.config.to_dict(), "config.json")
 
     def log_evaluation(self, ev: Evaluation) -> None:

