@@ -37,6 +37,7 @@ def _fail(frame: pd.DataFrame, column: str, bad: np.ndarray, what: str, *,
     if bad.any():
         position = int(np.flatnonzero(bad)[0])
         value = frame[column].iloc[position] if column in frame.columns else None
+        value = value.item() if isinstance(value, np.generic) else value
         raise ReportError(f"{column}, row {position + first_row}: {what}, got {value!r} "
                           f"({int(bad.sum())} such row(s))")
 
