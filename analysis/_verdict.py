@@ -141,7 +141,8 @@ def _per_seed(frame: _Frame, values: np.ndarray, treated: np.ndarray, base: np.n
 # --- the analysis --------------------------------------------------------------------------
 def analyse_trials(trials: pd.DataFrame, *, objective: str = "rec", kl_threshold: float = 0.1,
                    alpha: float = 0.05, elbo_margin: float | None = None,
-                   latent_dim: int | None = None) -> Analysis:
+                   latent_dim: int | None = None,
+                   objective_mode: str | None = None) -> Analysis:
     """Seed-level verdict, secondary tests, best set and bounded cells of one study.
 
     Args:
@@ -156,6 +157,7 @@ def analyse_trials(trials: pd.DataFrame, *, objective: str = "rec", kl_threshold
         elbo_margin: equivalence margin for ELBO (nats per example); default 2% of the
             monotonic arm's mean |ELBO|.
         latent_dim: the latent dimension, the upper bound of AU's intervals.
+        objective_mode: "max" or "min" for the objective (default: its house direction).
 
     Raises:
         ReportError: the table is malformed (names the column and row).
@@ -169,6 +171,9 @@ def analyse_trials(trials: pd.DataFrame, *, objective: str = "rec", kl_threshold
         raise ValueError(f"kl_threshold must be > 0 nats, got {kl_threshold=}")
     if elbo_margin is not None and not elbo_margin > 0:
         raise ValueError(f"elbo_margin must be > 0 nats, got {elbo_margin=}")
+    if objective_mode not in (None, "max", "min"):
+        raise ValueError(f"objective_mode must be 'max' or 'min', got {objective_mode!r}")
+    mode = objective_mode or _mode(objective)
     table = normalise_trials(trials)
     done = table[table["status"] == "completed"]
     scheduled = done[done["ratio"] > 0].reset_index(drop=True)
@@ -194,10 +199,10 @@ def analyse_trials(trials: pd.DataFrame, *, objective: str = "rec", kl_threshold
     margin = elbo_margin if elbo_margin is not None else _default_margin(scheduled, mono)
     secondary = _secondary(frame, scheduled, z, margin)
     _adjust(secondary, alpha, gate=p if n_seeds else 1.0)
-    best_tests, best_set, in_best = _best_set(done, objective, alpha)
+    best_tests, best_set, in_best = _best_set(done, objective, mode, alpha)
     cells, configs = _cells(table, kl_threshold, latent_dim, in_best)
     tests += secondary + best_tests
-    settings = {"objective": objective, "objective_mode": _mode(objective),
+    settings = {"objective": objective, "objective_mode": mode,
                 "kl_threshold": kl_threshold, "alpha": alpha, "elbo_margin": margin,
                 "elbo_margin_default": elbo_margin is None, "latent_dim": latent_dim,
                 "n_trials": len(table), "n_completed": len(done),
@@ -304,14 +309,14 @@ def _matrix(codes: np.ndarray, seed_codes: np.ndarray, values: np.ndarray, n_con
     return out
 
 
-def _best_set(done: pd.DataFrame, objective: str, alpha: float
+def _best_set(done: pd.DataFrame, objective: str, mode: str, alpha: float
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[tuple, bool]]:
     scored = done[np.isfinite(done[objective].to_numpy(float))]
     if scored.empty:
         return [], [], {}
     configs, codes = _config_frame(scored)
     seed_codes, _ = pd.factorize(scored["seed"], sort=True)
-    sign = 1.0 if _mode(objective) == "max" else -1.0
+    sign = 1.0 if mode == "max" else -1.0
     y = sign * _matrix(codes, seed_codes, scored[objective].to_numpy(float), len(configs),
                        int(seed_codes.max()) + 1)
     n = np.isfinite(y).sum(axis=1)

@@ -10,6 +10,10 @@ import numpy as np
 import pandas as pd
 
 
+_NAMES = {"elbo": "ELBO", "rec": "Rec", "kl": "KL", "mi": "MI", "au": "AU", "ppl": "PPL",
+          "iw_nll": "IW-NLL"}
+
+
 def _p(p: float) -> str:
     return "—" if not math.isfinite(p) else f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
 
@@ -88,13 +92,16 @@ def secondary_line(tests: list[dict[str, Any]], primary_rejected: bool, margin: 
 def best_line(best_set: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     if not best_set:
         return f"Best set by {settings['objective']}: no completed trial with a value."
+    if settings["n_configurations"] == 0:
+        return "Best set: no configuration."
     n_configs = settings["n_configurations"]
+    name = _NAMES.get(settings["objective"], settings["objective"])
     best = next(b for b in best_set if b["best"])
     label = (f"M={best['n_cycles']} R={best['ratio']:g} {best['ramp']} "
              f"β_max={best['beta_max']:g}")
     untested = sum(b["untested"] for b in best_set)
     extra = f", {untested} of them untested (fewer than 2 paired seeds)" if untested else ""
-    return (f"Best set by {settings['objective']} ({settings['objective_mode']}): "
+    return (f"Best set by validation {name} ({settings['objective_mode']}): "
             f"{len(best_set)} of {n_configs} configurations cannot be told from the best "
             f"({label}) by a sign-flip max-T comparison with the best over seeds at "
             f"familywise α {settings['alpha']:g}{extra}.")
