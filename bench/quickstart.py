@@ -113,20 +113,42 @@ def rate_rows(records: list[dict[str, Any]], steps: int, threshold: float
     return rows
 
 
+def write_table(records: list[dict[str, Any]], steps: int, path: Path) -> None:
+    import pandas as pd
+
+    rows = [{"n_cycles": ARMS[r["arm"]]["n_cycles"], "ratio": RATIO, "ramp": "linear",
+             "beta_max": 1.0, "seed": r["seed"], "total_steps": r["T"], "status": "completed",
+             **{k: r.get(k) for k in ("rec", "kl", "elbo", "mi", "au", "iw_nll", "ppl")},
+             "wall_s": round(r["wall_s"], 1), "load_1min": round(r["load_1min"], 2)}
+            for r in records if r["T"] == steps]
+    frame = pd.DataFrame(rows).sort_values(["seed", "n_cycles"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.6g")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=7500, help="T of every trial")
     p.add_argument("--seeds", default="0-23", help="seeds, e.g. 0-23 or 0-7,100-107")
     p.add_argument("--set-size", type=int, default=8, help="seeds per disjoint verdict set")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--arms", default="monotonic,cyclical",
+                   help="which arms to train (default both; the tables need both per seed)")
     p.add_argument("--kl-threshold", type=float, default=0.1)
     p.add_argument("--jsonl", type=Path, default=Path("bench/results/quickstart_seeds.jsonl"))
     p.add_argument("--out", help="also write the markdown tables here")
     p.add_argument("--report-only", action="store_true", help="train nothing, tabulate")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="also write one row per trial here (the klstudy report --results "
+                        "format; docs/quickstart/seeds.csv)")
     args = p.parse_args(argv)
     records = _done(args.jsonl)
     have = {(r["arm"], r["seed"], r["T"]) for r in records}
-    jobs = [(arm, s, args.steps) for s in _seeds(args.seeds) for arm in ARMS
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        p.error(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    jobs = [(arm, s, args.steps) for s in _seeds(args.seeds) for arm in arms
             if (arm, s, args.steps) not in have]
     started = time.perf_counter()
     if jobs and not args.report_only:
@@ -141,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                       file=sys.stderr, flush=True)
     wanted = set(_seeds(args.seeds))
     records = [r for r in records if r["seed"] in wanted]
+    if args.csv is not None:
+        write_table(records, args.steps, args.csv)
     lines = ["# Quickstart verdict on disjoint seed sets", "",
              f"Command: `{command_line()}`  ", environment_line() + "  ",
              f"This invocation: {time.perf_counter() - started:.0f} s wall for {len(jobs)} "
