@@ -50,6 +50,7 @@ STRATUM_KEYS: tuple[str, ...] = ("ratio", "ramp", "beta_max", "lr_schedule", "be
                                  "free_bits")
 HIGHER_IS_BETTER = frozenset({"elbo", "mi", "au", "kl"})  # kl: more use of z
 SIGN_FLIP = "exact two-sided sign-flip over seeds"
+MIN_SEEDS_FOR_INTERVAL = 6  # per-seed estimates: fewer seeds give the values, no interval
 DEFAULT_MARGIN_SHARE = 0.02  # ELBO margin when none is given: 2% of |monotonic ELBO|
 
 
@@ -216,7 +217,9 @@ def analyse_trials(trials: pd.DataFrame, *, objective: str = "rec", kl_threshold
 
 
 def _interval(values: np.ndarray, low: float, high: float) -> dict[str, Any]:
-    if len(values) < 3:
+    """Bootstrap interval of a per-seed mean; none below 6 seeds, where resampling so few
+    seeds (all-or-none outcomes: often identical) gives a degenerate, overconfident range."""
+    if len(values) < MIN_SEEDS_FOR_INTERVAL:
         return {"ci_low": math.nan, "ci_high": math.nan}
     lo, hi = bootstrap_mean_ci(values, low=low, high=high)
     return {"ci_low": float(lo[0]), "ci_high": float(hi[0])}
