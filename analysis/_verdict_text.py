@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
 _NAMES = {"elbo": "ELBO", "rec": "Rec", "kl": "KL", "mi": "MI", "au": "AU", "ppl": "PPL",
           "iw_nll": "IW-NLL"}
 

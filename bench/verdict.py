@@ -55,8 +55,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    sizes = [(12, (1, 2, 4, 8, 16), (0.25, 0.5, 0.75, 1.0)), (5, (1, 2, 4, 8), (0.25, 0.5, 0.75, 1.0)),
-             (24, (1, 2, 4, 8, 16), (0.25, 0.5, 0.75, 1.0))]
+    rs = (0.25, 0.5, 0.75, 1.0)
+    sizes = [(12, (1, 2, 4, 8, 16), rs), (5, (1, 2, 4, 8), rs), (24, (1, 2, 4, 8, 16), rs)]
     rows = []
     for n_seeds, ms, rs in sizes:
         t = table(n_seeds, ms, rs)
