@@ -127,7 +127,12 @@ def _cell_label(row: pd.Series, metric: str, decimals: int) -> str:
         return text
     n = int(row.get(f"{metric}_n", 0) or 0)
     mean, ci = row[f"{metric}_mean"], row.get(f"{metric}_ci", math.nan)
-    if n > 1 and np.isfinite(ci):
+    lo, hi = row.get(f"{metric}_lo", math.nan), row.get(f"{metric}_hi", math.nan)
+    if n >= 3 and np.isfinite(lo) and np.isfinite(hi):  # bootstrap over seeds, inside bounds
+        width = hi - lo
+        d = max(decimals, min(3, -math.floor(math.log10(width)))) if width > 0 else decimals
+        spread = f"[{lo:.{d}f}, {hi:.{d}f}]"
+    elif n > 1 and np.isfinite(ci) and f"{metric}_lo" not in row.index:
         ci_decimals = max(decimals, min(3, -math.floor(math.log10(ci)))) if ci > 0 else decimals
         spread = f"±{ci:.{ci_decimals}f}"  # at least one significant digit of the CI
     else:

@@ -66,14 +66,21 @@ def _iso_elbo_lines(ax, xlim: tuple[float, float], ylim: tuple[float, float]) ->
         if x1 - x0 < 0.05 * (xlim[1] - xlim[0]):
             continue
         ax.plot([x0, x1], [c - x0, c - x1], ls="--", lw=0.7, color="0.6", zorder=1)
+        if x0 > xlim[0] + 0.7 * (xlim[1] - xlim[0]):  # no room for the label inside the panel
+            continue
         ax.text(x0, c - x0, f" ELBO {-c:.{decimals}f}".replace("-", "−"), fontsize=6.5,
                 color="0.45",
                 ha="left", va="top", zorder=1, clip_on=True)
 
 
 def _bounded(rows: pd.DataFrame, metric: str) -> np.ndarray:
-    """Asymmetric error bars: the CI, cut at 0 below (KL and Rec are never negative)."""
+    """Asymmetric error bars: the bootstrap interval over seeds (inside the bounds; none below
+    3 seeds) when the table has it, else the t CI cut at 0 (KL and Rec are never negative)."""
     mean = rows[f"{metric}_mean"].to_numpy(float)
+    if f"{metric}_lo" in rows.columns:
+        lo = rows[f"{metric}_lo"].to_numpy(float)
+        hi = rows[f"{metric}_hi"].to_numpy(float)
+        return np.nan_to_num(np.vstack([np.maximum(mean - lo, 0.0), np.maximum(hi - mean, 0.0)]))
     half = rows[f"{metric}_ci"].fillna(0).to_numpy(float)
     return np.vstack([np.minimum(half, np.maximum(mean, 0.0)), half])
 
@@ -153,8 +160,9 @@ def rate_distortion_figure(table: pd.DataFrame) -> Figure:
     rows = rows.assign(_kind=[schedule_kind(m, r) for m, r in zip(rows["n_cycles"],
                                                                    rows["ratio"], strict=True)])
     panels, betas = panel_grid(rows)
+    xerr, yerr = _bounded(rows, "kl"), _bounded(rows, "rec")
     xlim, ylim = _limits(*(rows[c].to_numpy(float) for c in ("kl_mean", "rec_mean")),
-                         *(rows[c].fillna(0).to_numpy(float) for c in ("kl_ci", "rec_ci")))
+                         xerr.max(axis=0), yerr.max(axis=0))
     side = 4.2 if len(panels) * len(betas) == 1 else 3.4
     fig = Figure(figsize=(side * len(betas) + 0.4, side * len(panels) + 0.9), layout="constrained")
     axes = fig.subplots(len(panels), len(betas), squeeze=False, sharex=True, sharey=True)
