@@ -10,8 +10,9 @@ with :func:`analysis.analyse_trials`; the tables go between markers in any markd
 
 NAME is ``studies`` (one row per study: uses-z counts, per-seed estimate, sign-flip p, verdict),
 ``<study>-tests`` (the primary and secondary tests), ``<study>-uses_z`` (trials using z per M
-and ramp), ``<study>-headline`` (one sentence) or ``quickstart-seedsets`` (the quickstart
-verdict on disjoint seed sets, from ``docs/quickstart/seeds.csv``).
+and ramp), ``<study>-headline`` (one sentence), ``quickstart-seedsets`` (the quickstart
+verdict on disjoint seed sets, from ``docs/quickstart/seeds.csv``) or ``quickstart-rates``
+(per T and arm, the seeds using z with exact intervals, from the same file).
 
 Usage: ``python -m analysis.evidence [FILE ...] [--check]`` (default ``docs/evidence.md``):
 rewrites the blocks in place, or with ``--check`` exits 1 and names each block that differs.
@@ -122,19 +123,45 @@ def headline_block(name: str, a: Analysis) -> str:
     return f"{name}: {a.summary[0]} Verdict: `{a.verdict}`.\n"
 
 
+def rates_block(path: Path, threshold: float = 0.1) -> str:
+    """Per T and arm: seeds whose trial used z, with the Clopper–Pearson 95% interval."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    seeds = pd.read_csv(path)
+    rows = []
+    for (steps, m), group in seeds.groupby(["total_steps", "n_cycles"], sort=True):
+        k, n = int((group["kl"] >= threshold).sum()), len(group)
+        lo, hi = proportion_confint(k, n, method="beta")
+        arm = "monotonic (M 1)" if m == 1 else f"cyclical (M {m})"
+        rows.append([f"{steps:,}", arm, f"{k}/{n}", f"[{lo:.2f}, {hi:.2f}]",
+                     f"{group['seed'].min()}–{group['seed'].max()}",
+                     f"{group['wall_s'].mean():.0f}"])
+    return _md(["T", "arm (R 0.5, linear)", "seeds using z", "exact 95% CI", "seeds",
+                "wall s / trial (mean, shared machine)"], rows)
+
+
 def seedsets_block(path: Path) -> str:
     seeds = pd.read_csv(path)
-    complete = sorted(s for s, g in seeds.groupby("seed") if g["n_cycles"].nunique() == 2)
+    complete_t = [t for t, g in seeds.groupby("total_steps") if g["n_cycles"].nunique() == 2]
+    seeds = seeds[seeds["total_steps"].isin(complete_t)]
+    complete = sorted(s for s, g in seeds.groupby(["total_steps", "seed"])
+                      if g["n_cycles"].nunique() == 2)
     rows = []
     for i in range(len(complete) // SET_SIZE):
-        chosen = complete[i * SET_SIZE:(i + 1) * SET_SIZE]
-        subset = seeds[seeds["seed"].isin(chosen)]
+        chosen_keys = complete[i * SET_SIZE:(i + 1) * SET_SIZE]
+        steps = {t for t, _ in chosen_keys}
+        if len(steps) != 1:
+            continue
+        chosen = [s for _, s in chosen_keys]
+        subset = seeds[(seeds["total_steps"] == next(iter(steps)))
+                       & seeds["seed"].isin(chosen)]
         a = analyse_trials(subset, objective=OBJECTIVE)
-        rows.append([f"{chosen[0]}–{chosen[-1]}", "{}/{}".format(*a.uses_z["cyclical"]),
+        rows.append([f"{next(iter(steps)):,}", f"{chosen[0]}–{chosen[-1]}",
+                     "{}/{}".format(*a.uses_z["cyclical"]),
                      "{}/{}".format(*a.uses_z["monotonic"]), _p(a.primary["p"]),
                      f"`{a.verdict}`", f"{subset['wall_s'].sum():.0f}"])
-    return _md(["seeds", "cyclical uses z", "monotonic uses z", "sign-flip p", "verdict",
-                "trial wall s (sum, 2 at a time)"], rows)
+    return _md(["T", "seeds", "cyclical uses z", "monotonic uses z", "sign-flip p", "verdict",
+                "trial wall s (sum, 2 at a time, shared machine)"], rows)
 
 
 def blocks(root: Path = ROOT) -> dict[str, Callable[[], str]]:
@@ -160,6 +187,7 @@ def blocks(root: Path = ROOT) -> dict[str, Callable[[], str]]:
     seedsets = root / "docs" / "quickstart" / "seeds.csv"
     if seedsets.is_file():
         out["quickstart-seedsets"] = lambda: seedsets_block(seedsets)
+        out["quickstart-rates"] = lambda: rates_block(seedsets)
     return out
 
 
