@@ -40,8 +40,9 @@ def fact_line(uses_z: dict[str, list[int]], primary: dict[str, Any], settings: d
         per_seed = "; ".join(
             f"{name} in {f['seeds_with_z']} of {f['n_seeds']} seeds at least once"
             for name, f in families.items())
+        extra = f"; {per_seed}" if per_seed else ""
         fact = (f"Cyclical (M > 1) used z in {kc} of {nc} trials, monotonic (M = 1) in {km} of "
-                f"{nm} ({rule}; {per_seed})")
+                f"{nm} ({rule}{extra})")
     n, need, alpha = primary["n_seeds"], primary["min_seeds_to_reject"], primary["alpha"]
     if n == 0:
         return (fact + ": no seed has completed trials at both M = 1 and M > 1 with the same "
@@ -90,7 +91,8 @@ def secondary_line(tests: list[dict[str, Any]], primary_rejected: bool, margin: 
 
 def best_line(best_set: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     if not best_set:
-        return f"Best set by {settings['objective']}: no completed trial with a value."
+        name = _NAMES.get(settings["objective"], settings["objective"])
+        return f"Best set by validation {name}: no completed trial with a value."
     if settings["n_configurations"] == 0:
         return "Best set: no configuration."
     n_configs = settings["n_configurations"]

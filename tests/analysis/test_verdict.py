@@ -227,3 +227,15 @@ def test_csv_errors_give_the_file_line(tmp_path):
     assert "trials.csv: ratio, line 6: must be in [0, 1], got 2.0" in str(err.value)
     with pytest.raises(ReportError, match="must be .csv or .parquet"):
         read_results(tmp_path.joinpath("x.txt").write_text("a") and tmp_path / "x.txt")
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d[d["n_cycles"] == 4],  # no monotonic arm
+    lambda d: d.assign(status="pruned"),  # nothing completed
+    lambda d: d.assign(ratio=0.0),  # constant β only: no cyclical schedule
+])
+def test_nothing_to_compare_says_so(change):
+    a = analyse_trials(change(_two_arms(6)))
+    assert a.verdict == "no_difference_shown" and a.primary["n_seeds"] == 0
+    assert "cannot show a difference" in a.summary[0] and "; )" not in a.summary[0]
+    json.dumps(a.to_json(), allow_nan=False)
