@@ -23,10 +23,14 @@ from analysis._report import ReportResult, build_report
 from analysis._stats import config_table, mean_ci, paired_vs_monotonic
 from analysis._summary import summary_lines
 from analysis._synthetic import write_synthetic_study
+from analysis._trial_table import normalise_trials, read_results
 from analysis._ui import experiment_url, serve_ui, stop_ui, ui_command, ui_url, wait_for_health
+from analysis._verdict import VERDICTS, Analysis, analyse_trials
 
 __all__ = [
     "METRIC_STYLES",
+    "VERDICTS",
+    "Analysis",
     "CurveSpec",
     "Objective",
     "ReportError",
@@ -35,6 +39,7 @@ __all__ = [
     "best_rows",
     "build_report",
     "colour_limits",
+    "analyse_trials",
     "config_table",
     "curves_figure",
     "cycle_boundaries",
@@ -45,11 +50,13 @@ __all__ = [
     "load_from_mlflow",
     "load_study",
     "mean_ci",
+    "normalise_trials",
     "objective_of",
     "paired_vs_monotonic",
     "pick_curve_configs",
     "pruning_figure",
     "rate_distortion_figure",
+    "read_results",
     "serve_ui",
     "stop_ui",
     "summary_lines",

@@ -8,6 +8,7 @@ the best cell is starred and every cell whose mean is not distinguishable from t
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from analysis._noise import (  # noqa: E402
     ALPHA,
     BEST,
+    DIFFERS,
     METRIC_NAMES,
     TIED,
     Mode,
@@ -59,6 +61,7 @@ METRIC_STYLES: dict[str, MetricStyle] = {
     "au": MetricStyle("active units", True, "bright = more active units (better)"),
     "iw_nll": MetricStyle("IW-NLL", False, "bright = lower IW-NLL (better)"),
     "ppl": MetricStyle("PPL", False, "bright = lower PPL (better)"),
+    "uses_z": MetricStyle("share of seeds using z", True, "bright = more seeds use z"),
 }
 _PRUNED_FACE, _PRUNED_EDGE = "#d9d9d9", "#8c8c8c"
 
@@ -119,9 +122,17 @@ def _text_colour(rgba: tuple[float, ...]) -> str:
 
 
 def _cell_label(row: pd.Series, metric: str, decimals: int) -> str:
+    text = row.get(f"{metric}_text")
+    if isinstance(text, str):
+        return text
     n = int(row.get(f"{metric}_n", 0) or 0)
     mean, ci = row[f"{metric}_mean"], row.get(f"{metric}_ci", math.nan)
-    if n > 1 and np.isfinite(ci):
+    lo, hi = row.get(f"{metric}_lo", math.nan), row.get(f"{metric}_hi", math.nan)
+    if n >= 3 and np.isfinite(lo) and np.isfinite(hi):  # bootstrap over seeds, inside bounds
+        width = hi - lo
+        d = max(decimals, min(3, -math.floor(math.log10(width)))) if width > 0 else decimals
+        spread = f"[{lo:.{d}f}, {hi:.{d}f}]"
+    elif n > 1 and np.isfinite(ci) and f"{metric}_lo" not in row.index:
         ci_decimals = max(decimals, min(3, -math.floor(math.log10(ci)))) if ci > 0 else decimals
         spread = f"±{ci:.{ci_decimals}f}"  # at least one significant digit of the CI
     else:
@@ -141,7 +152,9 @@ def _status_note(row: pd.Series) -> str:
 
 
 def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None,
-                   mode: Mode | None = None, mark_noise: bool = True) -> Figure:
+                   mode: Mode | None = None, mark_noise: bool = True,
+                   limits: tuple[float, float] | None = None,
+                   outline: str | None = None, footer: str | None = None) -> Figure:
     """Mean ``metric`` per configuration over M (x) × R (y): one panel per ramp (rows; and lr
     schedule when it varies) × β_max (columns).
 
@@ -153,7 +166,12 @@ def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None
         mode: which end is bright (the study objective's mode for its metric); default the
             metric's better end.
         mark_noise: star the best cell (the bright end) and outline the cells not
-            distinguishable from it (Welch's t-test over seeds, p ≥ 0.05).
+            distinguishable from it (Welch's t-test over seeds, p ≥ 0.05) — only when some
+            cell differs, since an outline around every cell separates nothing.
+        limits: a fixed colour range (e.g. 0–1 for a share) instead of the noise-aware one.
+        outline: a boolean column: outline those cells (when it leaves some out) instead of
+            the Welch marks.
+        footer: the note under the figure (default: what the marks mean).
 
     Returns:
         The figure. Cells show "mean\\n±CI" (or "n=1") and how many seeds were pruned; cells
@@ -174,11 +192,20 @@ def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None
     values = table[f"{metric}_mean"].to_numpy(dtype=float)
     shown = np.isfinite(values) & ~pruned
     cis = table.get(f"{metric}_ci", pd.Series(np.nan, index=table.index)).to_numpy(float)
-    norm = Normalize(*colour_limits(values[shown], cis[shown]))
+    bounds = _BOUNDS.get(metric)
+    norm = Normalize(*(limits or colour_limits(values[shown], cis[shown], bounds=bounds)))
     cmap = colormaps["viridis" if style.higher_is_better else "viridis_r"]
     cmap = cmap.with_extremes(bad="white")  # cells without a value
     verdict = versus_best(table[shown], metric, "max" if style.higher_is_better else "min")
-    table = table.assign(_verdict=verdict["verdict"].reindex(table.index) if mark_noise else "")
+    marks = verdict["verdict"].reindex(table.index) if mark_noise else pd.Series("", table.index)
+    separates = bool((marks == DIFFERS).any())
+    if outline is not None:
+        chosen = table[outline].fillna(False).astype(bool)
+        separates = bool(chosen.any() and not chosen[shown].all())
+        marks = pd.Series(np.where(chosen, TIED, ""), index=table.index)
+    elif not separates:  # nothing differs from the best: keep the star, drop the outlines
+        marks = marks.where(marks == BEST, "")
+    table = table.assign(_verdict=marks, _outline=marks.isin([BEST, TIED]) & separates)
     ms, rs = sorted(table["n_cycles"].unique()), sorted(table["ratio"].unique())
     rows, betas = panel_grid(table)
     decimals = _decimals(values[shown])
@@ -195,10 +222,45 @@ def heatmap_figure(table: pd.DataFrame, metric: str, *, title: str | None = None
     if not style.higher_is_better:
         bar.ax.invert_yaxis()  # bright (better) on top, as for every other metric
     fig.suptitle(title or style.label, fontsize=11)
-    if mark_noise:
+    if footer is None and mark_noise:
         no_ci = not np.isfinite(cis[shown]).any()
-        fig.supxlabel(NO_NOISE_NOTE if no_ci else NOISE_NOTE, fontsize=7, color="0.3")
+        footer = (NO_NOISE_NOTE if no_ci else NOISE_NOTE if separates else
+                  "★ best mean; no cell differs from it beyond seed noise (Welch t-test over "
+                  f"seeds, p ≥ {ALPHA:g}), so none is outlined")
+    if footer:
+        fig.supxlabel(wrap_to(footer, fig.get_figwidth(), fontsize=7), fontsize=7, color="0.3")
     return fig
+
+
+def wrap_to(text: str, width_in: float, *, fontsize: float) -> str:
+    """``text`` wrapped to fit ``width_in`` inches at ``fontsize`` (≈ 0.6 em per character)."""
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)) - 4)
+    return "\n".join(textwrap.wrap(text, chars))
+
+
+_BOUNDS: dict[str, tuple[float, float]] = {"kl": (0.0, math.inf), "mi": (0.0, math.inf),
+                                           "au": (0.0, math.inf), "rec": (0.0, math.inf),
+                                           "uses_z": (0.0, 1.0)}
+
+
+def uses_z_figure(cells: Sequence[dict]) -> Figure:
+    """The share of seeds whose trial uses z per configuration (``Analysis.cells``), on a fixed
+    0–1 scale, each cell labelled k/n; the best set outlined when it leaves some out."""
+    rows = []
+    for cell in cells:
+        z = cell["uses_z"]
+        rows.append({**{k: cell[k] for k in (*GRID_COLUMNS, "lr_schedule")},
+                     "uses_z_mean": z["share"] if z["n"] else math.nan,
+                     "uses_z_ci": math.nan, "uses_z_n": z["n"],
+                     "uses_z_text": f"{z['k']}/{z['n']}" if z["n"] else None,
+                     "n_seeds": cell["n"], "n_completed": cell["n_completed"],
+                     "n_pruned": cell["n_pruned"], "n_error": cell["n_error"],
+                     "in_best_set": cell.get("in_best_set", False)})
+    table = pd.DataFrame(rows)
+    return heatmap_figure(table, "uses_z", title="share of seeds using z (final KL ≥ threshold)",
+                          mark_noise=False, limits=(0.0, 1.0), outline="in_best_set",
+                          footer="k/n: k of the n completed seeds use z; outlined: the best set "
+                                 "by the objective (when it leaves some configurations out)")
 
 
 def _outline(ax, x: float, y: float) -> None:
@@ -224,7 +286,7 @@ def _heatmap_panel(ax, panel: pd.DataFrame, metric: str, axes: tuple[list, list]
             grid[y, x] = mean
             ax.text(x, y, _cell_label(row, metric, decimals), ha="center", va="center",
                     fontsize=7, linespacing=1.1, color=_text_colour(cmap(norm(mean))), zorder=5)
-            if row.get("_verdict") in (BEST, TIED):
+            if row.get("_outline", False):
                 _outline(ax, x, y)
         elif note := _status_note(row):  # trials, but none completed (yet)
             ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor="#f0f0f0", linewidth=0,

@@ -123,21 +123,32 @@ def typical_ci(cis: np.ndarray) -> float:
     return float(np.median(cis)) if cis.size else math.nan
 
 
-def colour_limits(values: np.ndarray, cis: np.ndarray) -> tuple[float, float]:
-    """The colour range of a heatmap: the data range, widened to the typical seed CI.
+def colour_limits(values: np.ndarray, cis: np.ndarray, *,
+                  bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The colour range of a heatmap: the data range, widened to the seed noise.
 
-    The range is at least ``2 ×`` the median CI half-width (one typical CI, end to end) and is
-    centred on the data, so cells that differ by less than the seed noise get nearly the same
-    colour. With neither a spread nor a CI the range is ±0.5 around the single value.
+    The range is at least ``2 ×`` the largest CI half-width of any cell (and of the median one)
+    and is centred on the data, so no two cells that differ by less than some cell's seed noise
+    get the two ends of the scale — an all-collapsed study (KL 0.000 ± 0.003 next to
+    0.000 ± 0.000) is painted in nearly one colour. A bounded metric's range is shifted to stay
+    inside ``bounds`` (KL never gets a colour below 0). With neither a spread nor a CI the
+    range is ±0.5 around the single value.
     """
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return 0.0, 1.0
     lo, hi = float(values.min()), float(values.max())
-    noise = typical_ci(cis)
+    finite_cis = np.asarray(cis, dtype=float)
+    finite_cis = finite_cis[np.isfinite(finite_cis)]
+    noise = float(finite_cis.max()) if finite_cis.size else math.nan
     width = max(hi - lo, 2 * noise if math.isfinite(noise) else 0.0)
     if width < 1e-12:
-        return lo - 0.5, hi + 0.5
-    centre = (lo + hi) / 2
-    return centre - width / 2, centre + width / 2
+        low, high = lo - 0.5, hi + 0.5
+    else:
+        centre = (lo + hi) / 2
+        low, high = centre - width / 2, centre + width / 2
+    if bounds is not None:
+        shift = max(bounds[0] - low, 0.0) - max(high - bounds[1], 0.0)
+        low, high = max(low + shift, bounds[0]), min(high + shift, bounds[1])
+    return low, high

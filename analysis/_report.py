@@ -35,8 +35,16 @@ from analysis._summary import (
     with_objective,
 )
 from analysis._tables import config_view, paired_view
+from analysis._trial_table import read_results
+from analysis._verdict import Analysis, analyse_trials
+from analysis._verdict_report import (
+    summary_section,
+    tests_section,
+    trials_for_analysis,
+    write_summary,
+)
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 FIGURE_DPI = 110
@@ -47,11 +55,25 @@ _FIGURE_GLOBS = ("heatmap-*.png", "rate-distortion.png", "curves.png", "latents.
                  "pruning.png")
 
 
+_LATENT_DIMS = {"toy": 2, "lstm_text": 32}  # workers' MODEL_DEFAULTS
+
+
 @dataclass(frozen=True)
 class ReportResult:
     html_path: Path
     figure_paths: list[Path]
     partial: bool
+    summary_path: Path | None = None
+    analysis: Analysis | None = None
+
+
+@dataclass(frozen=True)
+class VerdictOptions:
+    """The report's statistics options (``klstudy report --kl-threshold/--elbo-margin``)."""
+
+    kl_threshold: float = 0.1  # nats: a trial uses z when its final validation KL ≥ this
+    elbo_margin: float | None = None  # nats per example; None: 2% of monotonic |ELBO|
+    alpha: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -63,7 +85,9 @@ class _Png:
 
 def build_report(study_dir: str | os.PathLike[str], *,
                  out_dir: str | os.PathLike[str] | None = None, tracking_uri: str | None = None,
-                 log_to_mlflow: bool = True) -> ReportResult:
+                 log_to_mlflow: bool = True,
+                 options: VerdictOptions | None = None,
+                 objective: Objective | None = None) -> ReportResult:
     """Write ``report.html`` and one PNG per figure, replacing an earlier report.
 
     Args:
@@ -73,6 +97,8 @@ def build_report(study_dir: str | os.PathLike[str], *,
         log_to_mlflow: also log the HTML and PNGs as artifacts (``report/``) of the study's
             parent run. When the run or its store is missing or unreachable a warning is logged
             and the report is still written.
+        options: the verdict's KL threshold, ELBO margin and alpha (``summary.json``).
+        objective: overrides the study's objective (``spec.objective``).
 
     Returns:
         The HTML path, the PNG paths and whether the study was still unfinished.
@@ -82,11 +108,55 @@ def build_report(study_dir: str | os.PathLike[str], *,
             objective is unknown.
     """
     data = load_study(study_dir, tracking_uri=tracking_uri)
-    objective = objective_of(data.meta)
+    objective = objective or objective_of(data.meta)
     out = Path(out_dir) if out_dir is not None else Path(study_dir) / "report"
+    return _write(data, objective, out, options or VerdictOptions(),
+                  log=(tracking_uri, log_to_mlflow))
+
+
+def build_results_report(table_path: str | os.PathLike[str], *,
+                         out_dir: str | os.PathLike[str] | None = None,
+                         objective: Objective | None = None,
+                         options: VerdictOptions | None = None) -> ReportResult:
+    """The same report and ``summary.json`` from a CSV or Parquet table, one row per trial
+    (a sweep run elsewhere): verdict, tests, heatmaps, rate–distortion, configuration and
+    paired tables; no curves, latents or pruning timeline (the table has no history).
+
+    Raises:
+        ReportError: the table is missing, unreadable or malformed (column and line named).
+    """
+    path = Path(table_path)
+    table = read_results(path)
+    objective = objective or Objective("rec", "min")
+    out = Path(out_dir) if out_dir is not None else path.with_name(path.stem + "-report")
+    trials = table.assign(trial_id=[f"row{i}" for i in range(len(table))])
+    data = StudyData(evaluations=pd.DataFrame(), trials=trials, latents=pd.DataFrame(),
+                     meta={"name": path.stem, "status": "finished", "n_trials": len(table)},
+                     source="table")  # type: ignore[arg-type]
+    return _write(data, objective, out, options or VerdictOptions(), log=(None, False),
+                  finals=table.assign(trial_id=trials["trial_id"]))
+
+
+def _latent_dim(meta: dict) -> int | None:
+    model = (meta.get("spec") or {}).get("model") or {}
+    dim = model.get("latent_dim") or _LATENT_DIMS.get(model.get("kind"))
+    return int(dim) if dim else None
+
+
+def _write(data: StudyData, objective: Objective, out: Path, options: VerdictOptions, *,
+           log: tuple[str | None, bool], finals: pd.DataFrame | None = None) -> ReportResult:
     out.mkdir(parents=True, exist_ok=True)
+    if finals is None:
+        finals = final_rows(data) if not data.evaluations.empty else pd.DataFrame()
+    verdict = None
+    if not finals.empty and (finals["status"] == "completed").any():
+        verdict = analyse_trials(
+            trials_for_analysis(finals), objective=objective.metric,
+            objective_mode=objective.mode, kl_threshold=options.kl_threshold,
+            alpha=options.alpha, elbo_margin=options.elbo_margin,
+            latent_dim=_latent_dim(data.meta))
     pngs: list[_Png] = []
-    sections = _sections(data, objective, pngs)
+    sections = _sections(data, objective, pngs, finals=finals, verdict=verdict)
     figure_paths = [out / png.name for png in pngs]
     for path in _stale_figures(out, keep=figure_paths):
         path.unlink()
@@ -94,10 +164,16 @@ def build_report(study_dir: str | os.PathLike[str], *,
         _write_atomic(path, png.data)
     html_path = out / REPORT_FILE
     _write_atomic(html_path, page(data, sections, objective_label=objective.label).encode())
-    log.info("report written to %s (%d figures)", html_path, len(figure_paths))
+    summary_path = write_summary(out, verdict) if verdict is not None else None
+    if verdict is None:
+        (out / "summary.json").unlink(missing_ok=True)  # a stale verdict must not survive
+    _log.info("report written to %s (%d figures)", html_path, len(figure_paths))
+    tracking_uri, log_to_mlflow = log
     if log_to_mlflow:
-        _log_artifacts(data.meta, tracking_uri, [html_path, *figure_paths])
-    return ReportResult(html_path=html_path, figure_paths=figure_paths, partial=data.partial)
+        extra = [summary_path] if summary_path else []
+        _log_artifacts(data.meta, tracking_uri, [html_path, *extra, *figure_paths])
+    return ReportResult(html_path=html_path, figure_paths=figure_paths, partial=data.partial,
+                        summary_path=summary_path, analysis=verdict)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -112,28 +188,33 @@ def _stale_figures(out: Path, *, keep: Sequence[Path]) -> list[Path]:
 
 
 # --- sections --------------------------------------------------------------------------------
-def _sections(data: StudyData, objective: Objective, pngs: list[_Png]) -> list[Section]:
-    finals = final_rows(data) if not data.evaluations.empty else pd.DataFrame()
+def _sections(data: StudyData, objective: Objective, pngs: list[_Png], *,
+              finals: pd.DataFrame, verdict: Analysis | None) -> list[Section]:
     if finals.empty:
         return [Section("results", "Results", [note("No evaluations recorded yet.")]),
                 _pruning_section(data, pngs)]
     metrics = with_objective(REPORT_METRICS, objective)
     table = config_table(finals, metrics)
-    best = best_rows(data, metric=objective.metric, mode=objective.mode)
+    has_history = not data.evaluations.empty
+    best = best_rows(data, metric=objective.metric, mode=objective.mode) if has_history else None
     paired_metrics = with_objective(CLAIM_METRICS, objective)
     paired = paired_vs_monotonic(finals, metrics=paired_metrics)
+    head = ([summary_section(verdict)] if verdict is not None else [Section(
+        "summary", "Summary", [bullet_list(summary_lines(finals, objective=objective))])])
     return [
-        Section("summary", "Summary", [bullet_list(summary_lines(finals, objective=objective))]),
+        *head,
         _rd_section(table, pngs),
-        _heatmap_section(table, config_table(best, metrics), objective, pngs),
-        _curves_section(data, table, objective, pngs),
-        _latent_section(data, table, objective, pngs),
+        _heatmap_section(table, config_table(best, metrics) if best is not None else None,
+                         objective, pngs, verdict=verdict),
+        *([tests_section(verdict)] if verdict is not None else []),
+        *([_curves_section(data, table, objective, pngs),
+           _latent_section(data, table, objective, pngs)] if has_history else []),
         Section("configs", "Configurations: final validation metrics (mean ± 95% CI over seeds)",
                 [_config_note(objective), html_table(config_view(table, objective, metrics))]),
-        Section("paired", "Cyclical vs monotonic (paired over seeds)",
+        Section("paired", "Cyclical vs monotonic per configuration (descriptive, uncorrected)",
                 [_PAIRED_NOTE, html_table(paired_view(paired, paired_metrics))]),
         *_pooled_sections(finals, paired_metrics),
-        _pruning_section(data, pngs),
+        *([_pruning_section(data, pngs)] if has_history else []),
     ]
 
 
@@ -145,7 +226,7 @@ def _figure(pngs: list[_Png], name: str, draw: Callable[[], object], caption: st
         fig.savefig(buffer, format="png", dpi=FIGURE_DPI,  # type: ignore[attr-defined]
                     pil_kwargs={"compress_level": _PNG_COMPRESS_LEVEL})
     except Exception as err:  # one bad figure must not cost the whole report
-        log.warning("figure %s could not be drawn: %s", name, err, exc_info=True)
+        _log.warning("figure %s could not be drawn: %s", name, err, exc_info=True)
         return note(f"{name}: could not be drawn ({err}).")
     pngs.append(_Png(name, buffer.getvalue(), caption))
     uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -214,14 +295,30 @@ def _heatmaps(table: pd.DataFrame, kind: str, objective: Objective,
     return parts
 
 
-def _heatmap_section(table: pd.DataFrame, best_table: pd.DataFrame, objective: Objective,
-                     pngs: list[_Png]) -> Section:
+def _heatmap_section(table: pd.DataFrame, best_table: pd.DataFrame | None,
+                     objective: Objective, pngs: list[_Png], *,
+                     verdict: Analysis | None = None) -> Section:
+    uses = _uses_z_heatmap(verdict, pngs) if verdict is not None else []
     final = _heatmaps(table, "final", objective, pngs)
-    best = _heatmaps(best_table, "best", objective, pngs)
-    return Section("heatmaps", "Heatmaps over M × R", [
-        _HEATMAP_NOTE, *final,
-        "<details><summary>Best-evaluation heatmaps: each trial at its evaluation with the "
-        f"best {esc(objective.label)} ({len(best)} figures)</summary>{''.join(best)}</details>"])
+    parts = [_HEATMAP_NOTE, *uses, *final]
+    if best_table is not None:
+        best = _heatmaps(best_table, "best", objective, pngs)
+        parts.append("<details><summary>Best-evaluation heatmaps: each trial at its evaluation "
+                     f"with the best {esc(objective.label)} ({len(best)} figures)</summary>"
+                     f"{''.join(best)}</details>")
+    return Section("heatmaps", "Heatmaps over M × R", parts)
+
+
+def _uses_z_heatmap(verdict: Analysis, pngs: list[_Png]) -> list[str]:
+    from analysis._heatmap import uses_z_figure
+
+    threshold = verdict.settings.get("kl_threshold", 0.1)
+    caption = (f"Share of seeds whose trial uses z (final validation KL ≥ {threshold:g} nats) "
+               "per configuration: k/n in each cell, colour = the share on a fixed 0–1 scale, "
+               "so equal counts are equal colours. Bold outline: the configurations in the "
+               "best set by the objective (drawn only when the best set leaves some out).")
+    return [_figure(pngs, "heatmap-final-uses_z.png", lambda: uses_z_figure(verdict.cells),
+                    caption)]
 
 
 def _curves_section(data: StudyData, table: pd.DataFrame, objective: Objective,
@@ -337,14 +434,14 @@ def _pruning_section(data: StudyData, pngs: list[_Png]) -> Section:
 def _log_artifacts(meta: dict, tracking_uri: str | None, paths: Sequence[Path]) -> bool:
     run_id, uri = meta.get("parent_run_id"), tracking_uri or meta.get("tracking_uri")
     if not run_id or not uri:
-        log.warning("report not logged to MLflow: study.json has no parent_run_id/tracking_uri")
+        _log.warning("report not logged to MLflow: study.json has no parent_run_id/tracking_uri")
         return False
     try:
         client = open_client(uri)  # checks first: a missing store is not created, a dead server
         for path in paths:  # costs seconds rather than MLflow's retry backoff
             client.log_artifact(run_id, str(path), artifact_path="report")
     except Exception as err:  # tracking trouble never fails the report
-        log.warning("report not logged to MLflow run %s at %s: %s", run_id, uri, err)
+        _log.warning("report not logged to MLflow run %s at %s: %s", run_id, uri, err)
         return False
-    log.info("report logged to MLflow run %s (%d files)", run_id, len(paths))
+    _log.info("report logged to MLflow run %s (%d files)", run_id, len(paths))
     return True

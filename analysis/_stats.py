@@ -86,7 +86,7 @@ def config_table(finals: pd.DataFrame,
     table = status.groupby(keys, sort=True).agg(
         n_seeds=("n_completed", "size"), n_completed=("n_completed", "sum"),
         n_pruned=("n_pruned", "sum"), n_error=("n_error", "sum"))
-    done = _completed(finals)[[*keys, *metrics]]
+    done = _completed(finals)[[*keys, "seed", *metrics]]
     finite = done[list(metrics)].where(np.isfinite(done[list(metrics)].astype(float)))
     grouped = finite.groupby([done[k] for k in keys], sort=True)
     mean, std, n = grouped.mean(), grouped.std(ddof=1), grouped.count()
@@ -94,9 +94,29 @@ def config_table(finals: pd.DataFrame,
         table[f"{metric}_mean"] = mean[metric]
         table[f"{metric}_ci"] = _half_widths(std[metric], n[metric]).reindex(mean.index)
         table[f"{metric}_n"] = n[metric].reindex(table.index).fillna(0).astype(int)
-    columns = [*(f"{m}_{s}" for m in metrics for s in ("mean", "ci", "n")),
+        lo, hi = _bounded_intervals(done, finite[metric], keys, metric)
+        table[f"{metric}_lo"], table[f"{metric}_hi"] = (lo.reindex(table.index),
+                                                        hi.reindex(table.index))
+    columns = [*(f"{m}_{s}" for m in metrics for s in ("mean", "ci", "n", "lo", "hi")),
                "n_seeds", "n_completed", "n_pruned", "n_error"]
     return table.reset_index()[[*keys, *columns]].astype({c: int for c in columns[-4:]})
+
+
+def _bounded_intervals(done: pd.DataFrame, values: pd.Series, keys: list[str],
+                       metric: str) -> tuple[pd.Series, pd.Series]:
+    """Per configuration: the percentile bootstrap 95% interval over seeds, inside the metric's
+    bounds (``analysis._cells``); NaN below 3 seeds. This is what the figures and tables show;
+    ``_ci`` (the t half-width) stays for the Welch comparisons."""
+    from analysis._cells import bounds_of, metric_intervals
+
+    frame = done[keys].assign(_seed=done["seed"], _v=values)
+    wide = frame.groupby([*keys, "_seed"], sort=True)["_v"].mean().unstack("_seed")
+    if wide.empty:
+        empty = pd.Series(dtype=float)
+        return empty, empty
+    low, high = bounds_of(metric, None)
+    _, lo, hi, _ = metric_intervals(wide.to_numpy(float), low=low, high=high)
+    return pd.Series(lo, index=wide.index), pd.Series(hi, index=wide.index)
 
 
 def _paired_row(diffs: np.ndarray) -> dict[str, object]:

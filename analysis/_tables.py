@@ -20,6 +20,11 @@ def _mean_ci(row: pd.Series, metric: str) -> str:
     n = int(row.get(f"{metric}_n", 0) or 0)
     if mean is None or not np.isfinite(mean) or n == 0:
         return "—"
+    lo, hi = row.get(f"{metric}_lo", math.nan), row.get(f"{metric}_hi", math.nan)
+    if n >= 3 and np.isfinite(lo) and np.isfinite(hi):  # bootstrap over seeds, inside bounds
+        return f"{mean:.4g} [{lo:.4g}, {hi:.4g}]"
+    if f"{metric}_lo" in row.index:
+        return f"{mean:.4g} (n={n})"
     return f"{mean:.4g} ± {ci:.2g}" if n > 1 and np.isfinite(ci) else f"{mean:.4g} (n=1)"
 
 

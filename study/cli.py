@@ -254,24 +254,73 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 # --- klstudy report / ui ----------------------------------------------------------------------
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write the M-vs-R sensitivity report (HTML + PNGs)")
-    p.add_argument("study_dir", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="default: STUDY_DIR/report")
+    p = sub.add_parser("report", help="write the M-vs-R sensitivity report (HTML + PNGs + "
+                                      "summary.json)")
+    p.add_argument("study_dir", type=Path, nargs="?", default=None,
+                   help="the study directory (or give --results)")
+    p.add_argument("--results", type=Path, default=None, metavar="TABLE",
+                   help="a CSV or Parquet table, one row per trial (n_cycles, ratio, ramp, "
+                        "beta_max, seed, rec, kl, elbo; optional status, mi, au, iw_nll, ppl, "
+                        "lr_schedule), instead of a study directory")
+    p.add_argument("--objective", default=None, metavar="METRIC[:MODE]",
+                   help="what the best set is chosen by, e.g. rec or elbo:max (default: the "
+                        "study's objective; rec for --results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: STUDY_DIR/report, or TABLE's name + '-report' beside it")
+    p.add_argument("--kl-threshold", type=float, default=0.1, metavar="NATS",
+                   help="a trial uses z when its final validation KL ≥ this (default 0.1)")
+    p.add_argument("--elbo-margin", type=float, default=None, metavar="NATS",
+                   help="ELBO equivalence margin, nats per example (default: 2%% of the "
+                        "monotonic arm's |ELBO|)")
     p.add_argument("--tracking-uri", default=None,
                    help="rebuild from this MLflow store (when the study's Parquet is gone)")
     p.set_defaults(handler=_cmd_report)
 
 
+def _objective_arg(text: str | None):
+    from analysis import Objective
+    from analysis._noise import DEFAULT_MODES, OBJECTIVE_METRICS
+
+    if text is None:
+        return None
+    metric, _, mode = text.partition(":")
+    if metric not in OBJECTIVE_METRICS:
+        raise UserError(f"--objective: metric must be one of {', '.join(OBJECTIVE_METRICS)}, "
+                        f"got {metric!r}")
+    mode = mode or DEFAULT_MODES[metric]
+    if mode not in ("max", "min"):
+        raise UserError(f"--objective: mode must be max or min, got {mode!r}")
+    return Objective(metric, mode)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from analysis import ReportError, build_report
+    from analysis._report import VerdictOptions, build_results_report
 
+    if (args.study_dir is None) == (args.results is None):
+        raise UserError("report: give a study directory or --results TABLE (one of them)")
+    if not args.kl_threshold > 0:
+        raise UserError(f"--kl-threshold: must be > 0 nats, got {args.kl_threshold}")
+    if args.elbo_margin is not None and not args.elbo_margin > 0:
+        raise UserError(f"--elbo-margin: must be > 0 nats, got {args.elbo_margin}")
+    options = VerdictOptions(kl_threshold=args.kl_threshold, elbo_margin=args.elbo_margin)
+    objective = _objective_arg(args.objective)
     try:
-        result = build_report(args.study_dir, out_dir=args.out, tracking_uri=args.tracking_uri)
+        if args.results is not None:
+            result = build_results_report(args.results, out_dir=args.out, objective=objective,
+                                          options=options)
+        else:
+            result = build_report(args.study_dir, out_dir=args.out,
+                                  tracking_uri=args.tracking_uri, options=options,
+                                  objective=objective)
     except ReportError as exc:
         raise UserError(str(exc)) from None
     note = " (PARTIAL: the study is still running)" if result.partial else ""
     print(f"report{note}: {result.html_path}")
     print(f"figures: {len(result.figure_paths)} PNGs in {result.html_path.parent}")
+    if result.analysis is not None:
+        print(f"summary: {result.summary_path}")
+        print(f"verdict: {result.analysis.verdict} — {result.analysis.summary[0]}")
     return 0
 
 

@@ -47,28 +47,36 @@ def active_units(means: torch.Tensor, *, threshold: float = AU_THRESHOLD) -> int
 
 
 def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> float:
-    """I_q(z; x) ≈ E[log q(z|x)] − E[log q(z)] (He et al. 2019), q(z) the mixture of all rows.
+    """I_q(z; x) ≈ E[log q(z|x)] − E[log q(z)] (He et al. 2019), q(z) the mixture of all rows,
+    never below 0.
 
     ``z`` is ``[n, d]`` (``z[i]`` a sample of q(z|x_i)) or ``[k, n, d]`` (k samples each,
-    averaged: less noise on small sets). log q(z_i | x_j) for all pairs comes from two matrix
-    products in float64 (the square expanded), in chunks of samples, so time and memory stay
-    small for thousands of posteriors.
+    averaged: less noise on small sets). Both expectations are taken over the *same* samples:
+    the estimate is the mean over samples z_i of log q(z_i|x_i) − log (1/n) Σ_j q(z_i|x_j).
+    (Taking E[log q(z|x)] in closed form, as before, left the Monte-Carlo noise of the second
+    term alone: on collapsed runs, where every q(z|x_j) is the same, the estimate went from
+    −0.08 to +0.07 nats with the seed; with shared samples both terms carry the same noise and
+    the estimate is 0 there.) I_q ≥ 0, so a negative estimate — what is left of the noise — is
+    reported as 0. log q(z_i | x_j) for all pairs comes from two matrix products in float64
+    (the square expanded), in chunks of samples, so time and memory stay small for thousands
+    of posteriors.
     """
     n, d = mu.shape
     mu, logvar = mu.double(), logvar.double()
-    neg_entropy = (-0.5 * d * math.log(2 * math.pi) - 0.5 * (1.0 + logvar).sum(dim=-1)).mean()
     precision = torch.exp(-logvar)  # [n, d]
     # log N(z; μ_j, σ_j²) = c_j − ½ z²·(1/σ_j²) + z·(μ_j/σ_j²)
     const = -0.5 * (d * math.log(2 * math.pi) + logvar.sum(-1) + (mu.pow(2) * precision).sum(-1))
     weighted_mu = (mu * precision).T  # [d, n]
     flat = z.reshape(-1, d).double()
     chunk = max(1, _MI_CHUNK_ELEMENTS // n)
-    log_qz_sum = torch.zeros((), dtype=torch.float64, device=mu.device)
+    total = torch.zeros((), dtype=torch.float64, device=mu.device)
     for start in range(0, flat.shape[0], chunk):
         zc = flat[start : start + chunk]
         log_q_each = const - 0.5 * zc.pow(2) @ precision.T + zc @ weighted_mu  # [c, n]
-        log_qz_sum = log_qz_sum + (torch.logsumexp(log_q_each, dim=-1) - math.log(n)).sum()
-    return float(neg_entropy - log_qz_sum / flat.shape[0])
+        rows = torch.arange(zc.shape[0], device=mu.device)
+        own = log_q_each[rows, (rows + start) % n]  # log q(z_i | x_i): row r samples x_(r mod n)
+        total = total + (own - torch.logsumexp(log_q_each, dim=-1) + math.log(n)).sum()
+    return max(0.0, float(total / flat.shape[0]))
 
 
 def aggregate_mutual_information(

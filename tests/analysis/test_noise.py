@@ -101,10 +101,18 @@ def test_versus_best_without_values_is_empty_verdicts():
     assert (versus_best(table, "elbo", "max")["verdict"] == "").all()
 
 
-def test_colour_limits_widen_to_one_typical_ci_around_the_data():
+def test_colour_limits_widen_to_the_largest_ci_around_the_data():
     lo, hi = colour_limits(np.array([0.00002, 0.00012]), np.array([0.0005, 0.0007]))
-    assert hi - lo == pytest.approx(2 * 0.0006)  # median half-width 0.0006
+    assert hi - lo == pytest.approx(2 * 0.0007)  # the largest half-width, 0.0007
     assert (lo + hi) / 2 == pytest.approx(0.00007)
+
+
+def test_colour_limits_stay_inside_the_bounds():
+    lo, hi = colour_limits(np.array([0.00002, 0.00012]), np.array([0.0005, 0.0007]),
+                           bounds=(0.0, np.inf))
+    assert lo == 0.0 and hi == pytest.approx(2 * 0.0007)
+    assert colour_limits(np.array([0.9, 1.0]), np.array([0.3]), bounds=(0.0, 1.0)) == (
+        pytest.approx(0.4), 1.0)
 
 
 def test_colour_limits_keep_a_data_range_wider_than_the_noise():
@@ -114,7 +122,8 @@ def test_colour_limits_keep_a_data_range_wider_than_the_noise():
 @pytest.mark.parametrize(("values", "cis", "expected"), [
     ([1.0, 1.0], [np.nan, np.nan], (0.5, 1.5)),  # no spread, no CI
     ([np.nan], [0.1], (0.0, 1.0)),  # nothing to show
-    ([1.0, 2.0], [0.0, 0.0, 1.4], (1.0, 2.0)),  # seeds that agree exactly are no noise
+    ([1.0, 2.0], [0.0, 0.0, 0.4], (1.0, 2.0)),  # a range wider than every CI is kept
+    ([1.0, 2.0], [0.0, 0.0, 1.4], (0.1, 2.9)),  # one noisy cell is enough to widen it
 ])
 def test_colour_limits_edge_cases(values, cis, expected):
     assert colour_limits(np.array(values), np.array(cis)) == pytest.approx(expected)

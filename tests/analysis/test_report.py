@@ -61,14 +61,15 @@ def test_report_has_every_kind_of_figure(finished):
     names = {p.name for p in finished[1].figure_paths}
     heatmaps = {f"heatmap-{k}-{m}.png" for k in ("final", "best")
                 for m in ("elbo", "kl", "rec", "mi", "au")}
-    others = {"rate-distortion.png", "curves.png", "latents.png", "pruning.png"}
+    others = {"rate-distortion.png", "curves.png", "latents.png", "pruning.png",
+              "heatmap-final-uses_z.png"}
     assert heatmaps | others == names
 
 
 def test_report_sections_appear_in_order(finished):
     text = html_of(finished[1])
-    ids = ["summary", "rate-distortion", "heatmaps", "curves", "latents", "configs", "paired",
-           "pooled", "pruning"]
+    ids = ["summary", "rate-distortion", "heatmaps", "tests", "curves", "latents", "configs",
+           "paired", "pooled", "pruning"]
     positions = [text.find(f"<section id='{i}'>") for i in ids]
     assert -1 not in positions and positions == sorted(positions)
 
@@ -130,7 +131,7 @@ def test_report_is_logged_to_the_parent_run(tmp_path, monkeypatch):
     result = build_report(study)
     parent = json.loads((study / "study.json").read_text())["parent_run_id"]
     logged = {Path(a.path).name for a in MlflowClient(uri).list_artifacts(parent, "report")}
-    assert logged == {REPORT_FILE, *(p.name for p in result.figure_paths)}
+    assert logged == {REPORT_FILE, "summary.json", *(p.name for p in result.figure_paths)}
 
 
 @pytest.mark.parametrize("problem", ["no_parent_run", "unreachable_server", "missing_sqlite"])
@@ -179,7 +180,8 @@ def test_objective_leads_the_summary_and_the_heatmaps(tmp_path):
     assert "<dt>objective</dt><dd>validation KL (min)</dd>" in text
     assert "validation KL (min)" in section(text, "summary")
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", section(text, "heatmaps"))
-    assert captions[0].startswith("final validation KL(q(z|x) ‖ p(z)) (objective, min)")
+    assert captions[0].startswith("Share of seeds whose trial uses z")
+    assert captions[1].startswith("final validation KL(q(z|x) ‖ p(z)) (objective, min)")
     assert "vs best KL (min)" in section(text, "configs")
 
 
@@ -243,3 +245,40 @@ def test_one_ramp_gets_no_pooled_section(tmp_path):
     write_synthetic_study(study, n_trials=12, n_evals=8, seed=2, grid=SMALL_GRID, p_pruned=0.0,
                           p_error=0.0)
     assert "id='pooled'" not in html_of(build_report(study, log_to_mlflow=False))
+
+
+def test_summary_json_is_written_beside_the_report(finished):
+    study, result = finished
+    path = result.html_path.parent / "summary.json"
+    assert result.summary_path == path and path.is_file()
+    summary = json.loads(path.read_text())
+    assert summary["verdict"] in ("cyclical_better", "monotonic_better", "no_difference_shown")
+    assert summary == json.loads(json.dumps(result.analysis.to_json()))
+    n_scheduled = sum(c["uses_z"]["n"] for c in summary["cells"] if c["ratio"] > 0)
+    assert sum(n for _, n in summary["uses_z"].values()) == n_scheduled > 0
+    text = html_of(result)
+    assert f"verdict: <code>{summary['verdict']}</code>" in section(text, "summary")
+    tests = section(text, "tests")
+    assert tests.count("<td>primary</td>") == 1 and "<td>secondary</td>" in tests
+
+
+def test_results_table_gives_the_same_verdict_as_the_study(finished, tmp_path):
+    from analysis import final_rows, load_study
+    from analysis._report import build_results_report
+
+    study, result = finished
+    table = tmp_path / "trials.csv"
+    final_rows(load_study(study)).to_csv(table, index=False)
+    from_table = build_results_report(table, out_dir=tmp_path / "out",
+                                      objective=result_objective(study))
+    assert (tmp_path / "out" / "summary.json").is_file()
+    assert from_table.analysis.to_json()["primary"] == result.analysis.to_json()["primary"]
+    assert from_table.analysis.verdict == result.analysis.verdict
+    names = {p.name for p in from_table.figure_paths}
+    assert "heatmap-final-uses_z.png" in names and "curves.png" not in names
+
+
+def result_objective(study):
+    from analysis._noise import objective_of
+
+    return objective_of(json.loads((study / "study.json").read_text()))
