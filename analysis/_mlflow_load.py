@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 
 from analysis._load import ReportError, StudyData, assemble, coerce
-from workers._records import CONFIG_COLUMNS, EVAL_COLUMNS, METRIC_COLUMNS, SPLITS, TRIAL_COLUMNS
+from workers._records import (
+    CONFIG_COLUMNS,
+    EVAL_COLUMNS,
+    METRIC_COLUMNS,
+    REMEDY_COLUMNS,
+    SPLITS,
+    TRIAL_COLUMNS,
+)
 from workers._schedules import at_beta_max
 
 log = logging.getLogger(__name__)
@@ -127,7 +134,8 @@ def _trials_frame(runs: list[Any], *, study: str) -> pd.DataFrame:
             "study": tags.get("klstudy.study", study),
             "trial_id": (tags.get("klstudy.trial_id") or params.get("trial_id")
                          or run.info.run_name),
-            **{name: params.get(name) for name in CONFIG_COLUMNS},
+            # remedies: absent from studies older than them (the trial table fills defaults)
+            **{name: params.get(name) for name in (*CONFIG_COLUMNS, *REMEDY_COLUMNS)},
             "status": tags.get("klstudy.status") or _RUN_STATUS.get(run.info.status, "running"),
             "pruned_at_step": tags.get("klstudy.pruned_at_step"),
             "error": tags.get("klstudy.error"),
@@ -268,7 +276,7 @@ def _tidy_metrics(history: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame(matrix, columns=list(METRIC_COLUMNS))
     run_of_row = np.asarray(run_ids)[rest // len(steps)]
     position = pd.Index(trials["mlflow_run_id"]).get_indexer(run_of_row)
-    config = trials[["study", "trial_id", *CONFIG_COLUMNS]].iloc[np.maximum(position, 0)]
+    config = trials[["study", "trial_id", *CONFIG_COLUMNS, *REMEDY_COLUMNS]].iloc[np.maximum(position, 0)]
     frame = pd.concat([config.reset_index(drop=True), frame], axis=1)
     frame["step"] = np.asarray(steps)[rest % len(steps)]
     frame["split"] = np.asarray(SPLITS, dtype=object)[row_split]

@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 
 from workers._config import TrialConfig
 from workers._records import (
-    CONFIG_COLUMNS,
     EVAL_COLUMNS,
     LATENT_COLUMNS,
     METRIC_COLUMNS,
     TRIAL_COLUMNS,
+    config_columns,
 )
 from workers._schedules import at_beta_max, beta_at
 
@@ -221,8 +221,7 @@ def _eval_columns(study: str, t: _Trial) -> dict[str, np.ndarray | list]:
     cols: dict[str, Any] = {name: [] for name in EVAL_COLUMNS}
     for split, steps, metrics in blocks:
         k = len(steps)
-        for name in CONFIG_COLUMNS:
-            value = getattr(c, name)
+        for name, value in config_columns(c).items():
             cols[name].append(np.full(k, value, dtype=object if isinstance(value, str) else None))
         cols["study"].append(np.full(k, study, dtype=object))
         cols["trial_id"].append(np.full(k, c.trial_id, dtype=object))
@@ -270,7 +269,7 @@ def _trial_row(study: str, t: _Trial, run_ids: dict[str, str]) -> dict[str, Any]
            "last_step": int(t.steps[-1]), "error": t.error,
            "pruned_at_step": int(t.steps[-1]) if t.status == "pruned" else None,
            "mlflow_run_id": run_ids.get(c.trial_id), "node_ip": "127.0.0.1"}
-    row.update({k: getattr(c, k) for k in TRIAL_COLUMNS if k not in row})
+    row.update(config_columns(c))  # as the study's recorder writes them (lr_n_cycles resolved)
     return {k: row[k] for k in TRIAL_COLUMNS}
 
 
@@ -311,7 +310,7 @@ def _log_mlflow(uri: str, study: str, trials: list[_Trial]) -> tuple[dict[str, s
         if t.error:
             tags["klstudy.error"] = t.error
         run_id = client.create_run(exp_id, run_name=c.trial_id, tags=tags).info.run_id
-        params = [Param(k, "None" if v is None else str(v)) for k, v in c.to_dict().items()]
+        params = [Param(k, str(v)) for k, v in c.to_params().items()]  # as workers log them
         client.log_batch(run_id, params=params)
         metrics = _mlflow_metrics(t, base_ms)
         for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
