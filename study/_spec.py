@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from study._grid import interleaved_points
 from study._spec_errors import spec_error
+from study._spec_race import race_options, race_problem, race_seed_problem
 from study._spec_yaml import _NO_VALUE, SpecError, read_yaml
 
 if TYPE_CHECKING:
@@ -243,17 +244,33 @@ class ScheduleSpec(_Section):
 
 
 class SearchSpec(_Section):
-    """``grid``: every combination with every seed; ``tpe``: ``n_trials`` Optuna TPE trials."""
+    """``grid``: every combination with every seed; ``tpe``: ``n_trials`` Optuna TPE trials;
+    ``race``: the grid raced over seeds (``study._race``, options in ``study._spec_race``)."""
 
-    kind: Literal["grid", "tpe"] = "grid"
+    kind: Literal["grid", "tpe", "race"] = "grid"
     n_trials: PosInt | None = None
     seed: NonNegInt = 0  # the sampler's seed
+    min_seeds: PosInt | None = None  # race: seeds of round 1 (default 3)
+    max_seeds: PosInt | None = None  # race: most seeds per configuration (default 12)
+    seeds_per_round: PosInt | None = None  # race: seeds added per later round (default 1)
+    alpha: Annotated[float, _range(0, 1, lo_open=True, hi_open=True)] | None = None  # race
+
+    @model_validator(mode="after")
+    def _race_options(self) -> SearchSpec:
+        problem = race_problem(self)
+        if problem is not None:
+            raise _fail(problem[1], problem[2], at=problem[0])
+        return self
+
+    def race(self) -> dict[str, Any]:
+        """The race options with defaults filled (``kind: race`` only)."""
+        return race_options(self)
 
     @model_validator(mode="after")
     def _n_trials_for_tpe_only(self) -> SearchSpec:
         if self.kind == "tpe" and self.n_trials is None:
             raise _fail("required when search.kind is 'tpe'", at="n_trials")
-        if self.kind == "grid" and self.n_trials is not None:
+        if self.kind in ("grid", "race") and self.n_trials is not None:
             message = "only used when search.kind is 'tpe' (a grid runs every combination)"
             raise _fail(message, self.n_trials, at="n_trials")
         return self
@@ -421,8 +438,15 @@ class StudySpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _race_has_seeds(self) -> StudySpec:
+        problem = race_seed_problem(self.search, self.seeds)
+        if problem is not None:
+            raise _fail(problem[0], problem[1], at="seeds")
+        return self
+
+    @model_validator(mode="after")
     def _grid_fits(self) -> StudySpec:
-        if self.search.kind == "grid" and self.n_trials() > MAX_TRIALS:
+        if self.search.kind in ("grid", "race") and self.n_trials() > MAX_TRIALS:
             shape = " x ".join(str(len(v)) for v in (*self.search_space().values(), self.seeds))
             message = (f"the grid ({shape}) expands to more than {MAX_TRIALS:,} trials; "
                        "use fewer axis values or search.kind: tpe")
@@ -430,11 +454,19 @@ class StudySpec(_Section):
         return self
 
     def n_trials(self) -> int:
-        """Grid: |M|·|R|·|ramp|·|β_max|·|seeds|. TPE: ``search.n_trials``, seeds cycled."""
+        """Grid: |M|·|R|·|ramp|·|β_max|·|seeds|. TPE: ``search.n_trials``, seeds cycled. Race:
+        the grid at ``max_seeds`` (the most it can run)."""
         if self.search.kind == "tpe":
             assert self.search.n_trials is not None
             return self.search.n_trials
-        return math.prod(len(axis) for axis in self.search_space().values()) * len(self.seeds)
+        return math.prod(len(axis) for axis in self.search_space().values()) * len(
+            self.grid_seeds())
+
+    def grid_seeds(self) -> list[int]:
+        """The seeds a grid runs: all of them; a race's first ``max_seeds``."""
+        if self.search.kind == "race":
+            return list(self.seeds[: self.search.race()["max_seeds"]])
+        return list(self.seeds)
 
     def search_space(self) -> dict[str, list[Any]]:
         """The schedule axes; TPE searches them as categorical parameters. ``lr_schedule`` is
@@ -479,7 +511,7 @@ class StudySpec(_Section):
         """One config per grid trial, in run order (``study._grid``: seeds outermost, M and R
         interleaved so that the first trials span the grid); ids number them in that order."""
         base = self.base_config()
-        points = interleaved_points(self.search_space(), list(self.seeds))
+        points = interleaved_points(self.search_space(), self.grid_seeds())
         return [dataclasses.replace(base, **point, trial_id=trial_id(index, **point))
                 for index, point in enumerate(points)]
 

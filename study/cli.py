@@ -164,6 +164,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"{running}, {c['error']} failed, {c['pending']} pending")
     if status["best_trial"]:
         print(f"  best {status['objective']}: {status['best_value']:.4f} ({status['best_trial']})")
+    from study._race_status import race_status_line
+
+    if (race := race_status_line(status["study_dir"])) is not None:
+        print(f"  {race}")
     print(f"  MLflow: {status['tracking_uri']}")
     if status.get("locked_by"):
         holder = status["locked_by"]
