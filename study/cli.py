@@ -237,6 +237,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     note = " (PARTIAL: the study is still running)" if result.partial else ""
     print(f"report{note}: {result.html_path}")
     print(f"figures: {len(result.figure_paths)} PNGs in {result.html_path.parent}")
+    if args.study_dir is not None:
+        from study._race_report import add_race_section
+
+        if (race := add_race_section(Path(args.study_dir), Path(result.html_path))) is not None:
+            print(f"race section: {race}")
     return 0
 
 

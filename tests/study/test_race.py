@@ -246,3 +246,22 @@ def test_a_race_killed_mid_round_resumes_and_tags_its_rounds(tmp_path: Path) -> 
     status = subprocess.run([*cli, "status", str(study_dir)], env=env, capture_output=True,
                             text=True, timeout=120)
     assert "race round 2/2" in status.stdout and "verdict no_difference_shown" in status.stdout
+
+
+def test_the_report_gets_a_race_section_from_race_json(tmp_path: Path) -> None:
+    from study._race_report import add_race_section
+
+    grid = clear_grid()
+    race = race_over(grid, min_seeds=3, max_seeds=8)
+    (tmp_path / "race.json").write_text(json.dumps(race_json(race, race.replay(grid))))
+    page = tmp_path / "report" / "report.html"
+    page.parent.mkdir()
+    page.write_text("<html><body><h1>report</h1></body></html>")
+    md = add_race_section(tmp_path, page)
+    text = page.read_text()
+    assert md is not None and md.read_text().startswith("## Race")
+    assert text.index('<section id="race">') < text.index("</body>")
+    assert "left after round 3" in text and "n_cycles=2 ratio=0.5" in text
+    add_race_section(tmp_path, page)  # once only
+    assert page.read_text().count('<section id="race">') == 1
+    assert add_race_section(tmp_path / "report", page) is None  # no race.json: no section
