@@ -152,9 +152,9 @@ def run_pruner(grid: pd.DataFrame, seeds: list[int], kind: str) -> dict[str, Any
 def replicate(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     """One replica: a grid (drawn or permuted), the full answer, the race and the peers."""
     name, index, opts = job
-    rng = np.random.default_rng([index, hash(name) % 2**31])
+    rng = np.random.default_rng([index, sum(map(ord, name))])  # hash() varies per process
     if opts.get("synthetic"):
-        grid = synthetic_grid(rng, effect=opts["effect"])
+        grid = synthetic_grid(rng, effect=opts["effect"], n_seeds=opts.get("n_seeds", 12))
     else:
         grid = opts["grid"]
     seeds = sorted(grid["seed"].unique().tolist())
@@ -175,6 +175,8 @@ def replicate(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
                        "false_claim": r["verdict"] != _NULL and verdict == _NULL,
                        "claim": r["verdict"] != _NULL,
                        "same_best": r["best"] == best, "best_kept": best_one in r["best"],
+                       "subset": r["best"] <= best,
+                       "size": len(r["best"]) / max(1, len(best)),
                        "s": time.perf_counter() - t0}
     return out
 
@@ -187,7 +189,8 @@ def summarise(results: list[dict[str, Any]], null_grids: set[str]) -> str:
         full = rs[0]["full_trials"]
         verdicts = pd.Series([r["full_verdict"] for r in rs]).value_counts().to_dict()
         rows.append([grid, "full grid", len(rs), f"{full} (1.00)",
-                     ", ".join(f"{k} {v}" for k, v in verdicts.items()), "-", "-", "-",
+                     ", ".join(f"{k} {v}" for k, v in verdicts.items()), "-", "-", "-", "-",
+                     "-",
                      _share([r["full_verdict"] != _NULL for r in rs]) if grid in null_grids
                      else "-"])
         for method in ("race", "wilcoxon", "median"):
@@ -200,10 +203,13 @@ def summarise(results: list[dict[str, Any]], null_grids: set[str]) -> str:
                          _share([m["same_verdict"] for m in ms]),
                          _share([m["same_best"] for m in ms]),
                          _share([m["best_kept"] for m in ms]),
+                         _share([m["subset"] for m in ms]),
+                         f"{np.mean([m['size'] for m in ms]):.2f}",
                          _share([m["claim"] for m in ms]) if grid in null_grids else "-"])
     headers = ["grid", "method", "replicas", "trials used (share of full)",
                "verdicts", "same verdict as full", "same best set as full",
-               "full grid's best kept", "false claims (null grids)"]
+               "full grid's best kept", "best set within full's", "best set size / full's",
+               "false claims (null grids)"]
     return markdown_table(headers, rows)
 
 
@@ -240,9 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(source).exists():
             grid = load_grid(source)
             jobs += [(name, i, {**base, "grid": grid}) for i in range(args.orders)]
-    for name, effect in (("synthetic effect", True), ("synthetic null", False)):
-        jobs += [(name, i, {**base, "synthetic": True, "effect": effect})
-                 for i in range(args.replicas)]
+    for name, effect, n_seeds, n in (
+            ("synthetic effect", True, 12, args.replicas),
+            ("synthetic null", False, 12, args.replicas),
+            ("synthetic effect, 20 seeds", True, 20, args.replicas // 2),
+            ("synthetic null, 20 seeds", False, 20, args.replicas // 2)):
+        jobs += [(name, i, {**base, "synthetic": True, "effect": effect, "n_seeds": n_seeds})
+                 for i in range(n)]
     with multiprocessing.Pool(args.processes) as pool:
         results = pool.map(replicate, jobs, chunksize=4)
     wall = time.monotonic() - started
@@ -250,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "# Racing over seeds vs the full grid and vs pruners (replays)", "",
         f"Command: `{command_line()}`  ",
         f"{environment_line()}; wall {wall:.0f} s.", "",
-        summarise(results, {"synthetic null"}), "",
+        summarise(results, {"synthetic null", "synthetic null, 20 seeds"}), "",
         "Race: min_seeds 3, 1 seed per round, max_seeds = the grid's seeds, alpha 0.05; claims "
         "only at the planned claim looks, Bonferroni over them. Peers: Optuna with the "
         "configurations as trials and the seeds as steps (WilcoxonPruner p_threshold 0.1 on the "
