@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, effect, n_seeds, n in (
             ("synthetic effect", True, 12, args.replicas),
             ("synthetic null", False, 12, args.replicas),
-            ("synthetic effect, 20 seeds", True, 20, args.replicas // 2),
+            ("synthetic effect, 20 seeds", True, 20, args.replicas // 4),
             ("synthetic null, 20 seeds", False, 20, args.replicas // 2)):
         jobs += [(name, i, {**base, "synthetic": True, "effect": effect, "n_seeds": n_seeds})
                  for i in range(n)]
