@@ -222,20 +222,27 @@ class Race:
             return candidates
         a = self.analyse(in_race.drop(columns=["_config"]), objective=self.settings.objective,
                          kl_threshold=self.settings.kl_threshold, alpha=self.settings.alpha)
-        best = {tuple(b.get(key) for key in self.keys) for b in a.best_set}
+        best = {c for c in candidates if any(self._matches(c, b) for b in a.best_set)}
         keep = [c for c in candidates if c in best]
         if not keep:  # the analysis kept none of them (e.g. no usable rows): nothing leaves
             return candidates
-        tests = {tuple(t["config"].get(key) for key in self.keys): t
-                 for t in a.tests if t.get("family") == "best_set" and "config" in t}
+        tests = [t for t in a.tests if t.get("family") == "best_set"]
         for c in candidates:
             if c not in best:
-                t = tests.get(c, {})
+                t = next((t for t in tests if self._matches(c, t.get("config", t))), {})
                 r = records[c]
                 r.left_round, r.left_at_seeds = k, n
                 r.left_test = t.get("method", "best set")
                 r.left_p_adj = t.get("p_adj")
         return keep
+
+    def _matches(self, c: Config, record: dict[str, Any]) -> bool:
+        """Whether an analysis record (a best-set entry, a test) names configuration ``c``:
+        every configuration key the record has equals c's (keys it lacks are not compared)."""
+        shared = [(v, record[k]) for k, v in zip(self.keys, c, strict=True) if k in record]
+        return bool(shared) and all(
+            v == w or (isinstance(v, float) and isinstance(w, float) and math.isclose(v, w))
+            for v, w in shared)
 
     def _verdict_look(self, ran: pd.DataFrame, n: int,
                       running: list[Config]) -> tuple[str | None, bool, int | None, float]:
