@@ -45,6 +45,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     spec, _ = _load_spec(args.spec)
     axes = spec.search_space()
     shape = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+    if spec.search.kind == "race":
+        r = spec.search.race()
+        print(f"{args.spec}: ok — study {spec.name!r}, a race of at most {spec.n_trials()} "
+              f"trials ({shape} x {r['min_seeds']} to {r['max_seeds']} seeds)")
+        return 0
     print(f"{args.spec}: ok — study {spec.name!r}, {spec.n_trials()} trials "
           f"({spec.search.kind}: {shape} x {len(spec.seeds)} seeds)")
     return 0

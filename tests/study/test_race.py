@@ -265,3 +265,13 @@ def test_the_report_gets_a_race_section_from_race_json(tmp_path: Path) -> None:
     add_race_section(tmp_path, page)  # once only
     assert page.read_text().count('<section id="race">') == 1
     assert add_race_section(tmp_path / "report", page) is None  # no race.json: no section
+
+
+def test_validate_says_a_race_runs_at_most_the_grid(tmp_path: Path) -> None:
+    spec_file = tmp_path / "race.yaml"
+    spec_file.write_text(yaml.safe_dump(SPEC))
+    out = subprocess.run([sys.executable, "-m", "study.cli", "validate", str(spec_file)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "a race of at most 6 trials (2 n_cycles x 1 ratio x 1 ramp x 1 beta_max x 2 to 3 " \
+           "seeds)" in out.stdout
