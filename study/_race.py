@@ -229,7 +229,8 @@ class Race:
         tests = [t for t in a.tests if t.get("family") == "best_set"]
         for c in candidates:
             if c not in best:
-                t = next((t for t in tests if self._matches(c, t.get("config", t))), {})
+                t = next((t for t in tests if self._matches(c, t.get("config", t))), None)
+                t = t or next((t for t in tests if self._named(c, str(t.get("name", "")))), {})
                 r = records[c]
                 r.left_round, r.left_at_seeds = k, n
                 r.left_test = t.get("method", "best set")
@@ -243,6 +244,16 @@ class Race:
         return bool(shared) and all(
             v == w or (isinstance(v, float) and isinstance(w, float) and math.isclose(v, w))
             for v, w in shared)
+
+    def _named(self, c: Config, name: str) -> bool:
+        """Whether a test's name ends with c's label as ``analysis`` writes it
+        (``M=2 R=0.5 linear β_max=1``): its test records need not carry the keys."""
+        d = self.as_dict(c)
+        try:
+            label = f"M={d['n_cycles']} R={d['ratio']:g} {d['ramp']} β_max={d['beta_max']:g}"
+        except (KeyError, TypeError, ValueError):
+            return False
+        return name.endswith(label)
 
     def _verdict_look(self, ran: pd.DataFrame, n: int,
                       running: list[Config]) -> tuple[str | None, bool, int | None, float]:
