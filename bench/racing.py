@@ -264,8 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Race: min_seeds 3, 1 seed per round, max_seeds = the grid's seeds, alpha 0.05; claims "
         "only at the planned claim looks, Bonferroni over them. Peers: Optuna with the "
         "configurations as trials and the seeds as steps (WilcoxonPruner p_threshold 0.1 on the "
-        "per-seed rec; MedianPruner defaults on the running mean). 'same best set': the set equals "
-        "the full grid's exactly; 'best kept': the full grid's best configuration is in it.", ""])
+        "per-seed rec; MedianPruner defaults on the running mean). 'same best set': the set "
+        "equals the full grid's exactly; 'best kept': the full grid's best configuration is in "
+        "it.", ""])
     print(text)
     write_output(args.out, text)
     return 0
