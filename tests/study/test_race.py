@@ -275,3 +275,18 @@ def test_validate_says_a_race_runs_at_most_the_grid(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "a race of at most 6 trials (2 n_cycles x 1 ratio x 1 ramp x 1 beta_max x 2 to 3 " \
            "seeds)" in out.stdout
+
+
+def test_the_racing_bench_replays_one_replica_of_each_synthetic_grid() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import racing
+
+    effect = racing.synthetic_grid(np.random.default_rng(0), effect=True)
+    assert len(effect) == 48 * 12 and (effect.query("n_cycles == 1")["kl"] < 0.1).all()
+    assert (effect.query("n_cycles == 8 and ramp == 'linear'")["kl"] >= 0.1).mean() > 0.4
+    out = racing.replicate(("synthetic effect", 0, {"synthetic": True, "effect": True,
+                                                    "min_seeds": 3}))
+    assert out["full_verdict"] == "cyclical_better"
+    assert set(out) >= {"race", "wilcoxon", "median"}
+    assert 0 < out["race"]["trials"] < 576 and out["race"]["best_kept"]
+    assert out["median"]["trials"] < 576  # the pruner pruned something
