@@ -402,7 +402,7 @@ def _fit(sd: StudyDir, meta: dict[str, Any], we_started_ray: bool,
         raise StudyError(str(exc)) from None
     status = "interrupted"
     try:
-        if meta["spec"]["search"]["kind"] == "race":  # rounds of Tune trials: study._race_run
+        if meta.get("spec", {}).get("search", {}).get("kind") == "race":  # study._race_run
             from study._race_run import fit_race
 
             status = fit_race(sd, _spec_from_meta(meta), make_tuner)
