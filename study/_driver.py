@@ -159,6 +159,14 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any], optuna_
                                       reuse_actors=True)
     else:
         configs = spec.grid_configs()
+        if spec.search.kind == "race":  # the due round only (study._race_run)
+            from study._race_run import race_tags, round_configs
+
+            due = round_configs(spec, sd)
+            if due is None:
+                return None  # the race is done
+            race_round, configs = due
+            context = {**context, "run_tags": race_tags(race_round)}
         to_run = [c for c in configs if c.trial_id not in (finished or set())]
         if not to_run:
             return None
@@ -170,9 +178,10 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any], optuna_
     recorder = StudyRecorder(sd, study_name=spec.name, configs=configs, mirror=mirror,
                              tracking_uri=context["tracking_uri"], n_trials=spec.n_trials(),
                              objective=(spec.objective.metric, spec.objective.mode))
+    if spec.search.kind == "race":
+        recorder.progress_prefix = f"race round {context['run_tags']['race_round']}: "
     run_config = tune.RunConfig(
-        name="tune",
-        storage_path=str(sd.root),
+        **_experiment_place(spec, sd, param_space),
         callbacks=[recorder, CSVLoggerCallback(), JsonLoggerCallback()],
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=1),
@@ -180,6 +189,17 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any], optuna_
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=run_config)
+
+
+def _experiment_place(spec: StudySpec, sd: StudyDir, param_space: dict[str, Any]) -> dict:
+    """Tune's storage: ``tune/``; a race: one fresh experiment per round under ``race/``."""
+    if spec.search.kind != "race":
+        return {"name": "tune", "storage_path": str(sd.root)}
+    round_number = param_space["study"]["run_tags"]["race_round"]
+    base, n = f"round-{int(round_number):02d}", 0
+    while (sd.root / "race" / (f"{base}-{n}" if n else base)).exists():
+        n += 1  # a round resumed: its unfinished trials run again in a new experiment
+    return {"name": f"{base}-{n}" if n else base, "storage_path": str(sd.root / "race")}
 
 
 # --- public entry points ----------------------------------------------------------------------
@@ -412,6 +432,8 @@ def _restore_or_restart(sd: StudyDir, meta: dict[str, Any], spec: StudySpec,
 
     r = spec.resources
     trainable = tune.with_resources(run_trial, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+    if spec.search.kind == "race":  # a race rebuilds its due round from the store
+        return _build_tuner(spec, sd, _context(sd, meta), optuna_study)
     problem = _tune_state_problem(sd)
     if problem is None:
         try:
@@ -526,12 +548,18 @@ def _fit(sd: StudyDir, meta: dict[str, Any], we_started_ray: bool,
         raise StudyError(str(exc)) from None
     status = "interrupted"
     try:
-        tuner = make_tuner()
-        if tuner is not None:
-            tuner.fit()
+        if meta.get("spec", {}).get("search", {}).get("kind") == "race":  # study._race_run
+            from study._race_run import fit_race
+
+            status = fit_race(sd, _spec_from_meta(meta), make_tuner)
+            meta = sd.read_meta()
         else:
-            log.warning("every trial of the study has already finished: nothing to run")
-        status = _ended_as(trial_counts(sd, meta["n_trials"]), meta["n_trials"])
+            tuner = make_tuner()
+            if tuner is not None:
+                tuner.fit()
+            else:
+                log.warning("every trial of the study has already finished: nothing to run")
+            status = _ended_as(trial_counts(sd, meta["n_trials"]), meta["n_trials"])
     except Exception:  # KeyboardInterrupt passes through as "interrupted"
         status = "failed"
         raise

@@ -69,6 +69,8 @@ def evaluation_from_result(result: dict[str, Any]) -> Evaluation:
 class StudyRecorder(Callback):
     """Writes every evaluation to Parquet and keeps ``trials.parquet`` and MLflow statuses true."""
 
+    progress_prefix = ""  # before the progress line (a race: "race round 2: ")
+
     def __init__(self, study_dir: StudyDir, *, study_name: str, configs: list[TrialConfig],
                  mirror: OptunaMirror, tracking_uri: str | None, n_trials: int | None = None,
                  objective: tuple[str, str] = ("elbo", "max")) -> None:
@@ -244,7 +246,8 @@ class StudyRecorder(Callback):
         best = self._best_final()
         metric, mode = self.objective
         best_text = f"best valid {metric} {best[1]:.4f} ({best[0]})" if best else "best: -"
-        return (f"[{elapsed // 60:02d}:{elapsed % 60:02d}] trials {self.n_trials}: "
+        return (f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {self.progress_prefix}"
+                f"trials {self.n_trials}: "
                 f"{c['completed']} done, {c['pruned']} pruned, {c['running']} running, "
                 f"{c['error']} failed, {c['pending']} pending | {best_text}")
 

@@ -48,6 +48,7 @@ from study._spec_types import (  # noqa: F401
     _fail,
     _Section,
 )
+from study._spec_race import race_seed_problem
 from study._spec_yaml import SpecError, read_yaml
 
 if TYPE_CHECKING:
@@ -186,8 +187,15 @@ class StudySpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _race_has_seeds(self) -> StudySpec:
+        problem = race_seed_problem(self.search, self.seeds)
+        if problem is not None:
+            raise _fail(problem[0], problem[1], at="seeds")
+        return self
+
+    @model_validator(mode="after")
     def _grid_fits(self) -> StudySpec:
-        if self.search.kind == "grid" and self.n_trials() > MAX_TRIALS:
+        if self.search.kind in ("grid", "race") and self.n_trials() > MAX_TRIALS:
             shape = " x ".join(str(len(v)) for v in (*self.search_space().values(), self.seeds))
             message = (f"the grid ({shape}) expands to more than {MAX_TRIALS:,} trials; "
                        "use fewer axis values or search.kind: tpe")
@@ -195,11 +203,19 @@ class StudySpec(_Section):
         return self
 
     def n_trials(self) -> int:
-        """Grid: |M|·|R|·|ramp|·|β_max|·|seeds|. TPE: ``search.n_trials``, seeds cycled."""
+        """Grid: |M|·|R|·|ramp|·|β_max|·|seeds|. TPE: ``search.n_trials``, seeds cycled. Race:
+        the grid at ``max_seeds`` (the most it can run)."""
         if self.search.kind == "tpe":
             assert self.search.n_trials is not None
             return self.search.n_trials
-        return math.prod(len(axis) for axis in self.search_space().values()) * len(self.seeds)
+        return math.prod(len(axis) for axis in self.search_space().values()) * len(
+            self.grid_seeds())
+
+    def grid_seeds(self) -> list[int]:
+        """The seeds a grid runs: all of them; a race's first ``max_seeds``."""
+        if self.search.kind == "race":
+            return list(self.seeds[: self.search.race()["max_seeds"]])
+        return list(self.seeds)
 
     def search_space(self) -> dict[str, list[Any]]:
         """The grid axes (trial config names); TPE searches them as categorical parameters.
@@ -255,7 +271,7 @@ class StudySpec(_Section):
         """One config per grid trial, in run order (``study._grid``: seeds outermost, M and R
         interleaved so that the first trials span the grid); ids number them in that order."""
         base = self.base_config()
-        points = interleaved_points(self.search_space(), list(self.seeds))
+        points = interleaved_points(self.search_space(), self.grid_seeds())
         return [dataclasses.replace(base, **point, trial_id=trial_id(index, **_named(point, base)))
                 for index, point in enumerate(points)]
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from study._spec_race import race_options, race_problem
 from study._spec_types import (
     _RDB_SCHEMES,
     _TRACKING_SCHEMES,
@@ -103,17 +104,33 @@ class ScheduleSpec(_Section):
 
 
 class SearchSpec(_Section):
-    """``grid``: every combination with every seed; ``tpe``: ``n_trials`` Optuna TPE trials."""
+    """``grid``: every combination with every seed; ``tpe``: ``n_trials`` Optuna TPE trials;
+    ``race``: the grid raced over seeds (``study._race``, options in ``study._spec_race``)."""
 
-    kind: Literal["grid", "tpe"] = "grid"
+    kind: Literal["grid", "tpe", "race"] = "grid"
     n_trials: PosInt | None = None
     seed: NonNegInt = 0  # the sampler's seed
+    min_seeds: PosInt | None = None  # race: seeds of round 1 (default 3)
+    max_seeds: PosInt | None = None  # race: most seeds per configuration (default 12)
+    seeds_per_round: PosInt | None = None  # race: seeds added per later round (default 1)
+    alpha: Annotated[float, _range(0, 1, lo_open=True, hi_open=True)] | None = None  # race
+
+    @model_validator(mode="after")
+    def _race_options(self) -> SearchSpec:
+        problem = race_problem(self)
+        if problem is not None:
+            raise _fail(problem[1], problem[2], at=problem[0])
+        return self
+
+    def race(self) -> dict[str, Any]:
+        """The race options with defaults filled (``kind: race`` only)."""
+        return race_options(self)
 
     @model_validator(mode="after")
     def _n_trials_for_tpe_only(self) -> SearchSpec:
         if self.kind == "tpe" and self.n_trials is None:
             raise _fail("required when search.kind is 'tpe'", at="n_trials")
-        if self.kind == "grid" and self.n_trials is not None:
+        if self.kind in ("grid", "race") and self.n_trials is not None:
             message = "only used when search.kind is 'tpe' (a grid runs every combination)"
             raise _fail(message, self.n_trials, at="n_trials")
         return self

@@ -60,8 +60,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     axes = spec.search_space()
     shape = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
     checked = _check_factories(spec)
-    print(f"{args.spec}: ok — study {spec.name!r}, {spec.n_trials()} trials "
-          f"({spec.search.kind}: {shape} x {len(spec.seeds)} seeds)")
+    if spec.search.kind == "race":
+        r = spec.search.race()
+        print(f"{args.spec}: ok — study {spec.name!r}, a race of at most {spec.n_trials()} "
+              f"trials ({shape} x {r['min_seeds']} to {r['max_seeds']} seeds)")
+    else:
+        print(f"{args.spec}: ok — study {spec.name!r}, {spec.n_trials()} trials "
+              f"({spec.search.kind}: {shape} x {len(spec.seeds)} seeds)")
     if checked:
         print(f"  model {spec.model.factory or spec.model.kind}, data "
               f"{spec.data.factory or spec.data.kind}: {checked}")
@@ -202,6 +207,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"{running}, {c['error']} failed, {c['pending']} pending")
     if status["best_trial"]:
         print(f"  best {status['objective']}: {status['best_value']:.4f} ({status['best_trial']})")
+    from study._race_status import race_status_line
+
+    if (race := race_status_line(status["study_dir"])) is not None:
+        print(f"  {race}")
     print(f"  MLflow: {status['tracking_uri']}")
     if status.get("locked_by"):
         holder = status["locked_by"]
@@ -321,6 +330,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if result.analysis is not None:
         print(f"summary: {result.summary_path}")
         print(f"verdict: {result.analysis.verdict} — {result.analysis.summary[0]}")
+    if args.study_dir is not None:
+        from study._race_report import add_race_section
+
+        if (race := add_race_section(Path(args.study_dir), Path(result.html_path))) is not None:
+            print(f"race section: {race}")
     return 0
 
 

@@ -79,7 +79,9 @@ class TrialRunLogger:
             trial_key(trial_id), experiment_id=study["experiment_id"], run_name=trial_id,
             tags={"mlflow.parentRunId": parent, "klstudy.role": "trial",
                   "klstudy.study": study["name"], "klstudy.trial_id": trial_id,
-                  "klstudy.status": "running"},
+                  "klstudy.status": "running",
+                  # what the driver adds per trial (a race's round: {"race_round": "2"})
+                  **{str(k): str(v) for k, v in (study.get("run_tags") or {}).items()}},
             match_tags={"mlflow.parentRunId": parent, "klstudy.trial_id": trial_id},
         )
 

@@ -276,7 +276,7 @@ INVALID = [
      "search.n_trials: only used when search.kind is 'tpe' (a grid runs every combination), "
      "got 12"),
     ("search", {"kind": "tpe", "n_trials": 0}, "search.n_trials: must be >= 1, got 0"),
-    ("search.kind", "random", "search.kind: must be one of grid, tpe, got 'random'"),
+    ("search.kind", "random", "search.kind: must be one of grid, tpe, race, got 'random'"),
     ("pruning.pruner", "asha", "pruning.pruner: must be one of none, median, percentile, "
      "successive_halving, hyperband, patient, got 'asha'"),
     ("pruning.phase_aware", "yes", "pruning.phase_aware: must be true or false, got 'yes'"),
