@@ -100,7 +100,9 @@ def as_set(best: Sequence[dict[str, Any]]) -> frozenset:
 def full_answer(grid: pd.DataFrame) -> tuple[str, frozenset, tuple]:
     a = analyse_trials(grid)
     best = as_set(a.best_set)
-    return a.verdict, best, tuple(a.best_set[0][k] for k in KEYS) if a.best_set else ()
+    # the best configuration itself: the entry flagged "best" (analysis.analyse_trials)
+    top = next((b for b in a.best_set if b.get("best")), a.best_set[0] if a.best_set else None)
+    return a.verdict, best, tuple(top[k] for k in KEYS) if top is not None else ()
 
 
 def run_race(grid: pd.DataFrame, seeds: list[int], settings: RaceSettings) -> dict[str, Any]:
