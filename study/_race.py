@@ -33,10 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-try:  # the report's statistics (issue 16); the stand-in implements the same definitions
-    from analysis import analyse_trials
-except ImportError:  # pragma: no cover - depends on which branch is installed
-    from study._race_stats import analyse_trials
+from analysis import analyse_trials  # the report's statistics: the race tests what it reports
 
 Config = tuple[Any, ...]
 FINISHED = ("completed", "pruned", "error")
