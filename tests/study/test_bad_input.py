@@ -85,7 +85,9 @@ def run_bad(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> st
 
 
 @pytest.mark.parametrize(("dotted", "value", "names"), SPECS,
-                         ids=[f"{d}={v!r}"[:60] for d, v, _ in SPECS])
+                         # ids stable across processes (pytest-xdist): DELETE by name
+                         ids=[f"{d}=<deleted>" if v is DELETE else f"{d}={v!r}"[:60]
+                              for d, v, _ in SPECS])
 def test_malformed_spec_exits_2_with_one_line(tmp_path, capsys, dotted, value, names) -> None:
     data = variant(dotted, value)
     if names is None:
