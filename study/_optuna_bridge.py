@@ -155,11 +155,23 @@ class OptunaMirror:
         found = self.find(trial_id)
         if found is not None:
             return found
-        self.study.enqueue_trial(params, skip_if_exists=False)
+        if not self._waiting_with(params):
+            self.study.enqueue_trial(params, skip_if_exists=False)
         trial = self.study.ask()
         self._suggest(trial)
         self._label(trial, trial_id, seed)
         return self.study.get_trials(deepcopy=False)[trial.number]
+
+    def _waiting_with(self, params: dict[str, Any]) -> bool:
+        """True when ``ask`` would hand out a twin with ``params`` already: the first WAITING
+        trial (Optuna pops them in order) is an unlabelled one with these params, left by a
+        driver killed between enqueueing a twin and asking for it."""
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            return False
+        first = waiting[0]
+        return (TRIAL_ID_ATTR not in first.user_attrs
+                and first.system_attrs.get("fixed_params") == params)
 
     def ask_new(self, name: Callable[[dict[str, Any]], str], *,
                 seed: int) -> tuple[str, dict[str, Any]]:

@@ -428,3 +428,16 @@ def test_results_replayed_from_a_final_checkpoint_are_never_judged(tmp_path) -> 
         replayed = {**result(step, -50.0), "replayed": True}
         assert sched.on_trial_result(None, done, replayed) == TrialScheduler.CONTINUE
     assert m.find("c") is None or m.find("c").intermediate_values == {}
+
+
+def test_a_twin_enqueued_by_a_killed_driver_is_taken_not_duplicated(tmp_path) -> None:
+    """A driver killed between enqueueing a twin and asking for it leaves a WAITING trial with
+    the twin's params; the next driver takes that one instead of adding a second twin."""
+    m = mirror(tmp_path)
+    params = {"n_cycles": 1, "ratio": 0.5, "ramp": "linear", "beta_max": 1.0}
+    m.study.enqueue_trial(params, skip_if_exists=False)  # the killed driver's last act
+    twin = m.ensure("a", params, seed=0)
+    trials = m.study.get_trials()
+    assert len(trials) == 1, [(t.number, t.state) for t in trials]
+    assert twin.params == params and twin.user_attrs["tune_trial_id"] == "a"
+    assert trials[0].state == TrialState.RUNNING

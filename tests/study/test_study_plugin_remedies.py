@@ -64,9 +64,9 @@ SOURCE = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    import ray
-
+def study(tmp_path_factory, ray_local) -> Path:
+    # the session's embedded Ray (tests/conftest.py): a Ray of its own here would shut down the
+    # one later tests in this process use
     tmp = tmp_path_factory.mktemp("plugin-remedies")
     (tmp / f"{MODULE}.py").write_text(SOURCE)
     spec = {"name": "remedies", "code_dir": str(tmp),
@@ -76,11 +76,7 @@ def study(tmp_path_factory) -> Path:
                       "iw_samples": 3, "free_bits": [0.0, 5.0]},
             "schedule": {"n_cycles": [2], "ratio": [0.5], "beta_min": [0.0, 0.2]},
             "seeds": [0], "pruning": {"pruner": "none"}, "resources": {"cpus_per_trial": 1}}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    try:
-        run_study(parse_spec(spec), yaml.safe_dump(spec), study_dir=tmp / "study")
-    finally:
-        ray.shutdown()
+    run_study(parse_spec(spec), yaml.safe_dump(spec), study_dir=tmp / "study")
     return tmp / "study"
 
 
