@@ -408,21 +408,37 @@ class _RedactingStream(io.TextIOBase):
     """stdout/stderr that never show a password in a URL, whoever writes (klstudy's own
     output, logging handlers, Ray's or MLflow's warnings): ``scheme://user:***@host``."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, fallback: TextIO | None = None) -> None:
         self._stream = stream
+        self._fallback = fallback  # the process's own stream (sys.__stderr__)
+
+    def _target(self) -> TextIO | None:
+        """The wrapped stream, or the process's own once it was closed: a library that took
+        this wrapper for its log handler during an in-process main() (Ray, MLflow) outlives
+        the stream main() found (a test's capture), and must not fail on it later."""
+        if not getattr(self._stream, "closed", False):
+            return self._stream
+        if self._fallback is not None and not getattr(self._fallback, "closed", False):
+            return self._fallback
+        return None
 
     def write(self, text: str) -> int:
-        self._stream.write(redact_text(text))
+        target = self._target()
+        if target is not None:
+            target.write(redact_text(text))
         return len(text)
 
     def flush(self) -> None:
-        self._stream.flush()
+        target = self._target()
+        if target is not None:
+            target.flush()
 
     def fileno(self) -> int:
         return self._stream.fileno()
 
     def isatty(self) -> bool:
-        return self._stream.isatty()
+        target = self._target()
+        return target is not None and target.isatty()
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
@@ -431,9 +447,9 @@ class _RedactingStream(io.TextIOBase):
 
 def _redact_output() -> None:
     if not isinstance(sys.stdout, _RedactingStream):
-        sys.stdout = _RedactingStream(sys.stdout)
+        sys.stdout = _RedactingStream(sys.stdout, sys.__stdout__)
     if not isinstance(sys.stderr, _RedactingStream):
-        sys.stderr = _RedactingStream(sys.stderr)
+        sys.stderr = _RedactingStream(sys.stderr, sys.__stderr__)
     logging.captureWarnings(True)
 
 

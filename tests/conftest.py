@@ -18,6 +18,14 @@ from _services import LOCAL_RAY, MlflowServer, RayCluster
 
 SERVICE_FIXTURES = ("ray_cluster", "mlflow_server", "postgres")
 
+# One Ray auth mode for every Ray this session starts or joins, set before any starts
+# (FIELD-NOTES: set it explicitly and identically for every process). Left unset, Ray 2.60's
+# first local ray.init() turns token auth on for this process (and writes ~/.ray/auth_token);
+# the embedded Ray restarted later under the ray_cluster fixture's "disabled" then had every
+# actor cancelled before it started (test_services_smoke's restart test).
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

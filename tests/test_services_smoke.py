@@ -134,3 +134,24 @@ def test_a_task_on_the_worker_node_uploads_an_artifact(ray_client, mlflow_server
 
     assert ip == "127.0.0.3"
     assert [a.path for a in mlflow_client.list_artifacts(run.info.run_id)] == ["from_worker.txt"]
+
+
+def test_embedded_ray_restarted_under_the_cluster_env_still_runs_actors(ray_local,
+                                                                       monkeypatch) -> None:
+    """The session's embedded Ray, restarted after a test connected elsewhere while the
+    ray_cluster fixture's RAY_AUTH_MODE=disabled was set, still creates actors. Ray 2.60's
+    first local ray.init() with RAY_AUTH_MODE unset turns token auth on for the process; a
+    second init with it disabled then has every actor "cancelled before it started running"
+    (tests/study/test_driver.py failed so after tests/test_services_smoke.py in one process).
+    The conftest sets one mode for the whole session before any Ray starts."""
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # what the ray_cluster fixture sets
+    restart_local_ray()
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def ping(self) -> str:
+            return "pong"
+
+    assert ray.get(Probe.remote().ping.remote(), timeout=120) == "pong"

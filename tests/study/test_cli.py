@@ -131,3 +131,52 @@ def test_help_shows_the_defaults(command: str, shown: list[str], monkeypatch) ->
     text = " ".join(_subcommands()[command].format_help().split())
     for item in shown:
         assert item in text, (command, item)
+
+
+def test_a_log_handler_made_during_main_survives_the_stream_main_found_closing(
+        tmp_path, monkeypatch) -> None:
+    """Ray and MLflow take sys.stderr for their log handlers when first imported, which an
+    in-process main() may do while its redacting wrapper is installed; when the stream main()
+    wrapped (a test's capture) is closed, their later records must not raise "I/O operation on
+    closed file" (they go to the process's own stderr instead, still redacted)."""
+    import io
+    import logging
+
+    import study.cli as cli
+
+    captured, process = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", captured)
+    monkeypatch.setattr("sys.__stderr__", process)
+    handler = None
+
+    def validate_and_take_stderr(args):  # a library configuring its handler inside main()
+        nonlocal handler
+        handler = logging.StreamHandler(cli.sys.stderr)
+        return 0
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    parser = build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_handler(parser,
+                                                                   validate_and_take_stderr))
+    assert main(["validate", str(spec)]) == 0
+    captured.close()
+    failures = []
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    monkeypatch.setattr(handler, "handleError", lambda record: failures.append(record))
+    logger = logging.getLogger("test-closed-stream")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("lost at postgresql://u:secret@db:5432/x")
+    finally:
+        logger.removeHandler(handler)
+    assert not failures
+    assert "u:***@db" in process.getvalue() and "secret" not in process.getvalue()
+
+
+def _with_handler(parser: argparse.ArgumentParser, handler) -> argparse.ArgumentParser:
+    """parser with the validate subcommand's handler replaced."""
+    for action in parser._subparsers._group_actions:
+        action.choices["validate"].set_defaults(handler=handler)
+    return parser

@@ -22,15 +22,31 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MODULE = "shipped_vae_i18"
 SOURCE = textwrap.dedent('''
-    import json, os, uuid
+    import glob, json, os, time, uuid
     import torch
     from torch import nn
 
+    def _nodes_seen(marker_dir):
+        seen = set()
+        for name in glob.glob(os.path.join(marker_dir, "*.json")):
+            with open(name) as f:
+                for p in json.load(f)["shipped"]:
+                    seen |= {node for node in ("head", "worker") if f"/{node}/" in p}
+        return seen
+
     def load(marker_dir, n=24, dim=5):
-        with open(os.path.join(marker_dir, uuid.uuid4().hex + ".json"), "w") as f:
+        with open(os.path.join(marker_dir, uuid.uuid4().hex + ".tmp"), "w") as f:
             path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
             shipped = [p for p in path if os.path.isfile(os.path.join(p, __name__ + ".py"))]
             json.dump({"file": __file__, "shipped": shipped, "pid": os.getpid()}, f)
+        os.replace(f.name, f.name[:-4] + ".json")
+        import ray
+        if ray.get_runtime_context().get_actor_id() is not None:  # a trial, not the driver
+            # hold this node's CPU until a trial started on the other node: the 1-CPU nodes
+            # then hold one trial each, however fast the first trials would have finished
+            deadline = time.monotonic() + 120
+            while _nodes_seen(marker_dir) != {"head", "worker"} and time.monotonic() < deadline:
+                time.sleep(0.2)
         x = (torch.rand(n, dim, generator=torch.Generator().manual_seed(0)) > 0.5).float()
         return {"train": x[:12], "valid": x[12:18], "test": x[18:], "info": {"dim": dim}}
 
@@ -64,7 +80,8 @@ def submitted(ray_cluster, mlflow_server, tmp_path_factory) -> dict:
             "model": {"kind": "python", "factory": f"{MODULE}:build"},
             "data": {"kind": "python", "factory": f"{MODULE}:load",
                      "params": {"marker_dir": str(markers)}},
-            # 4 trials long enough to overlap: the 1-CPU nodes then hold one each
+            # 4 trials; the first on each 1-CPU node waits in load() until the other node has
+            # one too: each node then runs trials, however quickly the first ones would end
             "train": {"total_steps": 400, "batch_size": 4, "eval_every_steps": 100,
                       "iw_samples": 3},
             "schedule": {"n_cycles": [1, 2], "ratio": [0.5]}, "seeds": [0, 1],
