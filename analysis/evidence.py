@@ -11,7 +11,8 @@ with :func:`analysis.analyse_trials`; the tables go between markers in any markd
 NAME is ``studies`` (one row per study: uses-z counts, per-seed estimate, sign-flip p, verdict),
 ``<study>-tests`` (the primary and secondary tests), ``<study>-uses_z`` (trials using z per M
 and ramp), ``<study>-headline`` (one sentence), ``quickstart-seedsets`` (the quickstart
-verdict on disjoint seed sets, from ``docs/quickstart/seeds.csv``) or ``quickstart-rates``
+verdict on disjoint seed sets, from ``docs/quickstart/seeds.csv``; ``quickstart_<tag>-…``
+from an earlier setting's ``seeds_<tag>.csv``) or ``quickstart-rates``
 (per T and arm, the seeds using z with exact intervals, from the same file).
 
 Usage: ``python -m analysis.evidence [FILE ...] [--check]`` (default ``docs/evidence.md``):
@@ -184,10 +185,12 @@ def blocks(root: Path = ROOT) -> dict[str, Callable[[], str]]:
         out[f"{name}-tests"] = lambda n=name: tests_block(analysis_of(n))
         out[f"{name}-uses_z"] = lambda p=path: uses_z_block(p)
         out[f"{name}-headline"] = lambda n=name: headline_block(n, analysis_of(n))
-    seedsets = root / "docs" / "quickstart" / "seeds.csv"
-    if seedsets.is_file():
-        out["quickstart-seedsets"] = lambda: seedsets_block(seedsets)
-        out["quickstart-rates"] = lambda: rates_block(seedsets)
+    # docs/quickstart/seeds.csv: the quickstart's arms on many seeds (bench/quickstart.py);
+    # seeds_<tag>.csv: an earlier setting of it, kept as blocks quickstart_<tag>-…
+    for seedsets in sorted((root / "docs" / "quickstart").glob("seeds*.csv")):
+        name = "quickstart" + seedsets.stem[len("seeds"):]
+        out[f"{name}-seedsets"] = lambda p=seedsets: seedsets_block(p)
+        out[f"{name}-rates"] = lambda p=seedsets: rates_block(p)
     return out
 
 

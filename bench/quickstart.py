@@ -1,17 +1,18 @@
-"""Does the quickstart's verdict hold on other seeds? The quickstart's two arms (monotonic
-M 1 vs cyclical M 4, R 0.5, linear, β_max 1, the §4 toy problem) trained on many seeds, then
+"""Does the quickstart's verdict hold on other seeds? The quickstart's two arms (read from
+``examples/quickstart.yaml``: monotonic M 1 vs its cyclical M, its R, ramp, β_max, T, batch,
+evaluation cadence and IW samples; the §4 toy problem) trained on many seeds, then
 ``analyse_trials`` on disjoint seed sets of the quickstart's size.
 
-Each trial is the quickstart's (``examples/quickstart.yaml``: batch 10, T from ``--steps``,
-evaluation every 500 steps, IW-NLL with 50 samples), run in-process (no Ray) with 1 torch
-thread, ``--workers`` at a time. Results are appended to ``--jsonl`` as they finish, so an
-interrupted run resumes where it stopped. Prints (and writes with ``--out``) the per-arm
-uses-z rate over all seeds with its exact interval, and the verdict on each disjoint seed set
-with its uses-z counts, sign-flip p and the wall time its trials took.
+Each trial is the quickstart's, run in-process (no Ray) with 1 torch thread, ``--workers`` at a
+time. Results are appended to ``--jsonl`` as they finish, so an interrupted run resumes where it
+stopped. Prints (and writes with ``--out``) the per-arm uses-z rate over all seeds with its
+exact interval, and the verdict on each disjoint seed set with its uses-z counts, sign-flip p
+and the wall time its trials took.
 
 Run from the repository root (nice it on a shared machine):
-``nice -n 10 python bench/quickstart.py --steps 7500 --seeds 0-23 --set-size 8
---jsonl bench/results/quickstart_seeds.jsonl --out bench/results/quickstart.md``.
+``nice -n 10 python bench/quickstart.py --seeds 0-23 --set-size 8
+--jsonl bench/results/quickstart_seeds.jsonl --out bench/results/quickstart.md
+--csv docs/quickstart/seeds.csv``.
 """
 
 from __future__ import annotations
@@ -29,24 +30,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import command_line, environment_line, markdown_table, write_output  # noqa: E402
 
-ARMS: dict[str, dict[str, Any]] = {"monotonic": {"n_cycles": 1}, "cyclical": {"n_cycles": 4}}
-RATIO, EVAL_EVERY, IW_SAMPLES = 0.5, 500, 50  # as in examples/quickstart.yaml
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+
+
+def _quickstart() -> dict[str, Any]:
+    """The quickstart's settings: its two arms and everything every trial shares."""
+    import yaml
+
+    spec = yaml.safe_load(QUICKSTART.read_text())
+    sched, train = spec["schedule"], spec["train"]
+    assert len(sched["ratio"]) == len(sched["ramp"]) == len(sched["beta_max"]) == 1, sched
+    assert sorted(sched["n_cycles"])[0] == 1 and len(sched["n_cycles"]) == 2, sched
+    return {"arms": {"monotonic": {"n_cycles": 1},
+                     "cyclical": {"n_cycles": max(sched["n_cycles"])}},
+            "ratio": sched["ratio"][0], "ramp": sched["ramp"][0],
+            "beta_max": float(sched["beta_max"][0]), "steps": train["total_steps"],
+            "batch_size": train["batch_size"], "eval_every": train["eval_every_steps"],
+            "iw_samples": train["iw_samples"], "lr": train.get("lr", 1e-3)}
+
+
+QS = _quickstart()
+ARMS: dict[str, dict[str, Any]] = QS["arms"]
+RATIO, RAMP, BETA_MAX = QS["ratio"], QS["ramp"], QS["beta_max"]
 
 
 def run_trial(job: tuple[str, int, int]) -> dict[str, Any]:
     from workers import TrialConfig, train_trial
 
     arm, seed, total_steps = job
-    config = TrialConfig(model="toy", data="toy", batch_size=10, total_steps=total_steps,
-                         eval_every_steps=EVAL_EVERY, iw_samples=IW_SAMPLES, seed=seed,
-                         device="cpu", num_threads=1, ratio=RATIO, ramp="linear",
-                         beta_max=1.0, trial_id=f"qs-{arm}-T{total_steps}-s{seed}",
-                         **ARMS[arm])
+    config = TrialConfig(model="toy", data="toy", batch_size=QS["batch_size"],
+                         total_steps=total_steps, eval_every_steps=QS["eval_every"],
+                         iw_samples=QS["iw_samples"], lr=QS["lr"], seed=seed, device="cpu",
+                         num_threads=1, ratio=RATIO, ramp=RAMP, beta_max=BETA_MAX,
+                         trial_id=f"qs-{arm}-T{total_steps}-s{seed}", **ARMS[arm])
     start, cpu = time.perf_counter(), time.process_time()
     result = train_trial(config)
-    return {"arm": arm, "seed": seed, "T": total_steps, "wall_s": time.perf_counter() - start,
+    return {"arm": arm, "n_cycles": ARMS[arm]["n_cycles"], "seed": seed, "T": total_steps, "wall_s": time.perf_counter() - start,
             "cpu_s": time.process_time() - cpu, "load_1min": os.getloadavg()[0],
             **{k: float(v) for k, v in result.final.items()}}
+
+
+def _ours(record: dict[str, Any], steps: int) -> bool:
+    """A record of this quickstart's arms at T = steps (earlier settings stay in the jsonl)."""
+    return (record["T"] == steps
+            and record.get("n_cycles", 4) == ARMS[record["arm"]]["n_cycles"])
 
 
 def _md(rows: list[dict[str, Any]]) -> str:
@@ -76,9 +103,9 @@ def verdict_rows(records: list[dict[str, Any]], steps: int, set_size: int,
     from analysis import analyse_trials
 
     trials = pd.DataFrame([{"n_cycles": ARMS[r["arm"]]["n_cycles"], "ratio": RATIO,
-                            "ramp": "linear", "beta_max": 1.0, "seed": r["seed"],
+                            "ramp": RAMP, "beta_max": BETA_MAX, "seed": r["seed"],
                             "rec": r["rec"], "kl": r["kl"], "elbo": r["elbo"],
-                            "wall_s": r["wall_s"]} for r in records if r["T"] == steps])
+                            "wall_s": r["wall_s"]} for r in records if _ours(r, steps)])
     complete = sorted(s for s, g in trials.groupby("seed") if len(g) == len(ARMS))
     rows = []
     for i in range(len(complete) // set_size):
@@ -100,7 +127,7 @@ def rate_rows(records: list[dict[str, Any]], steps: int, threshold: float
 
     rows = []
     for arm in ARMS:
-        rs = [r for r in records if r["T"] == steps and r["arm"] == arm]
+        rs = [r for r in records if _ours(r, steps) and r["arm"] == arm]
         if not rs:
             continue
         k = sum(r["kl"] >= threshold for r in rs)
@@ -116,11 +143,11 @@ def rate_rows(records: list[dict[str, Any]], steps: int, threshold: float
 def write_table(records: list[dict[str, Any]], steps: int, path: Path) -> None:
     import pandas as pd
 
-    rows = [{"n_cycles": ARMS[r["arm"]]["n_cycles"], "ratio": RATIO, "ramp": "linear",
-             "beta_max": 1.0, "seed": r["seed"], "total_steps": r["T"], "status": "completed",
+    rows = [{"n_cycles": ARMS[r["arm"]]["n_cycles"], "ratio": RATIO, "ramp": RAMP,
+             "beta_max": BETA_MAX, "seed": r["seed"], "total_steps": r["T"], "status": "completed",
              **{k: r.get(k) for k in ("rec", "kl", "elbo", "mi", "au", "iw_nll", "ppl")},
              "wall_s": round(r["wall_s"], 1), "load_1min": round(r["load_1min"], 2)}
-            for r in records if r["T"] == steps]
+            for r in records if _ours(r, steps)]
     frame = pd.DataFrame(rows).sort_values(["seed", "n_cycles"])
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False, float_format="%.6g")
@@ -128,7 +155,8 @@ def write_table(records: list[dict[str, Any]], steps: int, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=7500, help="T of every trial")
+    p.add_argument("--steps", type=int, default=QS["steps"],
+                   help="T of every trial (default: the quickstart's)")
     p.add_argument("--seeds", default="0-23", help="seeds, e.g. 0-23 or 0-7,100-107")
     p.add_argument("--set-size", type=int, default=8, help="seeds per disjoint verdict set")
     p.add_argument("--workers", type=int, default=2)
@@ -143,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                         "format; docs/quickstart/seeds.csv)")
     args = p.parse_args(argv)
     records = _done(args.jsonl)
-    have = {(r["arm"], r["seed"], r["T"]) for r in records}
+    have = {(r["arm"], r["seed"], r["T"]) for r in records if _ours(r, r["T"])}
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
