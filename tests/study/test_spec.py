@@ -51,7 +51,7 @@ def _text_corpus(root: Path, prefix: str = "") -> Path:
 # --- valid specs ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("file", "n_trials"),
-    [("quickstart.yaml", 6), ("paper_toy.yaml", 240), ("ptb_grid.yaml", 12),
+    [("quickstart.yaml", 16), ("paper_toy.yaml", 240), ("ptb_grid.yaml", 12),
      ("ptb_paper.yaml", 48), ("ptb_small.yaml", 36), ("ptb_ablation.yaml", 12),
      ("tpe_search.yaml", 12)],
 )
