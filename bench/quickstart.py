@@ -73,7 +73,7 @@ def run_trial(job: tuple[str, int, int]) -> dict[str, Any]:
 def _ours(record: dict[str, Any], steps: int) -> bool:
     """A record of this quickstart's arms at T = steps (earlier settings stay in the jsonl)."""
     return (record["T"] == steps
-            and record.get("n_cycles", 4) == ARMS[record["arm"]]["n_cycles"])
+            and record.get("n_cycles") == ARMS[record["arm"]]["n_cycles"])
 
 
 def _md(rows: list[dict[str, Any]]) -> str:

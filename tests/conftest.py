@@ -67,14 +67,11 @@ def _heavy_modules_first(items: list[pytest.Item]) -> list[pytest.Item]:
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """A head node and a worker node on loopback, 1 CPU each.
 
-    While it runs, this process has RAY_AUTH_MODE=disabled and RAY_USAGE_STATS_ENABLED=0 set,
-    so that `ray.init(address=ray_cluster.gcs_address)` connects. Connect in a fixture of your
-    own and call `ray.shutdown()` when done; never `ray stop`.
+    This process has RAY_AUTH_MODE=disabled for the whole session (set above, as the nodes
+    have it), so `ray.init(address=ray_cluster.gcs_address)` connects. Connect in a fixture of
+    your own and call `ray.shutdown()` when done; never `ray stop`.
     """
-    with RayCluster(tmp_path_factory.mktemp("ray")) as cluster, \
-            pytest.MonkeyPatch.context() as patch:
-        for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED"):
-            patch.setenv(name, cluster.env[name])
+    with RayCluster(tmp_path_factory.mktemp("ray")) as cluster:
         yield cluster
 
 

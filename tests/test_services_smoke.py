@@ -146,7 +146,7 @@ def test_embedded_ray_restarted_under_the_cluster_env_still_runs_actors(ray_loca
     The conftest sets one mode for the whole session before any Ray starts."""
     import ray
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # what the ray_cluster fixture sets
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # what the cluster's nodes run with
     restart_local_ray()
 
     @ray.remote(num_cpus=1)
