@@ -19,6 +19,7 @@ from analysis._load import ReportError, StudyData, best_rows, final_rows, load_s
 from analysis._mlflow_load import load_from_mlflow
 from analysis._noise import Objective, colour_limits, objective_of, versus_best
 from analysis._rd import rate_distortion_figure
+from analysis._signflip import pocock_spending, sequential_sign_flip
 from analysis._report import ReportResult, build_report
 from analysis._stats import config_table, mean_ci, paired_vs_monotonic
 from analysis._summary import summary_lines
@@ -54,9 +55,11 @@ __all__ = [
     "objective_of",
     "paired_vs_monotonic",
     "pick_curve_configs",
+    "pocock_spending",
     "pruning_figure",
     "rate_distortion_figure",
     "read_results",
+    "sequential_sign_flip",
     "serve_ui",
     "stop_ui",
     "summary_lines",

@@ -140,3 +140,72 @@ def bootstrap_mean_ci(values: np.ndarray, *, confidence: float = 0.95,
     tail = (1.0 - confidence) / 2
     lo, hi = np.quantile(means, [tail, 1.0 - tail], axis=1)
     return np.clip(lo, low, high), np.clip(hi, low, high)
+
+
+def pocock_spending(fraction: float, alpha: float) -> float:
+    """Lan–DeMets Pocock-type alpha spending: the share of ``alpha`` a group-sequential test
+    may have spent by information ``fraction`` (seeds so far / seeds at the last look),
+    alpha * ln(1 + (e - 1) * fraction). It spends early, so a clear effect can be claimed
+    as soon as the exact test can reach it (6 seeds at alpha 0.05 from 10 planned seeds)."""
+    t = min(max(float(fraction), 0.0), 1.0)
+    return alpha * math.log1p((math.e - 1.0) * t)
+
+
+def sequential_sign_flip(diffs: np.ndarray, looks: list[int], n_final: int,
+                         alpha: float) -> tuple[int | None, list[float], list[float]]:
+    """Exact group-sequential two-sided sign-flip test of "the mean of ``diffs`` is 0",
+    looked at after ``looks`` seeds (increasing; the last at most ``len(diffs)``), planned to
+    end at ``n_final`` seeds, alpha spent by :func:`pocock_spending`.
+
+    Under the null each seed's difference is as likely to have either sign, whatever its
+    magnitude; given the magnitudes of the seeds seen so far, the joint distribution of the
+    running means at every look is that of the 2^n sign vectors (their prefixes for the
+    earlier looks). The boundary at each look is the smallest |mean| that the sign vectors
+    which have not crossed before reach with probability at most the alpha that look may
+    spend (what the earlier looks could not spend, the discrete test being discrete, carries
+    over). So the chance of crossing at any look is at most ``alpha``, exactly for up to
+    :data:`EXACT_MAX_SEEDS` seeds.
+
+    Args:
+        diffs: one value per seed, in the order the seeds were run (NaN-free).
+        looks: the seed counts of the looks so far.
+        n_final: the seed count of the last planned look (the information fraction's
+            denominator).
+        alpha: the level over all looks.
+
+    Returns:
+        (the index in ``looks`` of the first look the observed means crossed, or None;
+        each look's boundary on |mean| (inf where that look could spend nothing);
+        the alpha spent by each look, cumulative).
+    """
+    d = np.asarray(diffs, dtype=float)
+    if not looks or looks[-1] > d.size or any(b <= a for a, b in zip(looks, looks[1:])):
+        raise ValueError(f"looks must increase and end within the {d.size} diffs, got {looks}")
+    n = looks[-1]
+    signs = sign_matrix(n)
+    k = signs.shape[0]
+    crossed = np.zeros(k, dtype=bool)
+    first: int | None = None
+    bounds: list[float] = []
+    spent: list[float] = []
+    scale = _TIE * max(1.0, float(np.abs(d[:n]).max()) if n else 1.0)
+    for j, m in enumerate(looks):
+        stat = np.abs(signs[:, :m] @ d[:m]) / m
+        budget = math.floor((pocock_spending(m / n_final, alpha) + 1e-12) * k)  # vectors
+        room = budget - int(crossed.sum())
+        alive = stat[~crossed]
+        bound = math.inf
+        if room > 0 and alive.size:
+            values = np.sort(alive)[::-1]
+            # the smallest threshold whose tail (ties included) fits in the room left
+            counts = np.searchsorted(-values, -(values - scale), side="right")
+            fits = np.nonzero(counts <= room)[0]
+            if fits.size:
+                bound = float(values[fits[-1]])
+        hit = ~crossed & (stat >= bound - scale)
+        crossed |= hit
+        bounds.append(bound)
+        spent.append(float(crossed.mean()))
+        if first is None and hit[0]:
+            first = j
+    return first, bounds, spent

@@ -8,6 +8,8 @@ Grids (one row per trial: configuration keys, seed, final valid rec, kl, elbo):
   docs/results/paper_toy/trials.csv when committed, else the study dir /work/runs/paper-toy;
 - ``toy10``: bench/data/racing_toy10.csv, M {1, 2, 4, 8} x 10 seeds at T = 5,000
   (bench/specs/racing_toy10.yaml);
+- ``toy20``: bench/data/racing_toy20.csv, the same at 20 seeds (bench/specs/racing_toy20.yaml;
+  its seeds 0-9 are toy10's trials, run again);
 - ``synthetic effect`` / ``synthetic null``: 48 configurations x 12 seeds, bimodal uses-z
   outcomes with a per-seed effect (``synthetic_grid``), one fresh grid per replica.
 
@@ -39,6 +41,7 @@ from study._race import Race, RaceSettings, analyse_trials
 
 KEYS = ["n_cycles", "ratio", "ramp", "beta_max"]
 _NULL = "no_difference_shown"
+STRICT = 0.005  # the race's drop_alpha in its second row: drops before max_seeds at 0.5%
 
 
 # --- grids -----------------------------------------------------------------------------------
@@ -151,6 +154,11 @@ def run_pruner(grid: pd.DataFrame, seeds: list[int], kind: str) -> dict[str, Any
     return {"trials": len(ran), "verdict": verdict, "best": best}
 
 
+def _full_again(grid: pd.DataFrame) -> dict[str, Any]:
+    verdict, best, _ = full_answer(grid)
+    return {"trials": len(grid), "verdict": verdict, "best": best}
+
+
 def replicate(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
     """One replica: a grid (drawn or permuted), the full answer, the race and the peers."""
     name, index, opts = job
@@ -166,7 +174,14 @@ def replicate(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
                             seeds_per_round=opts.get("seeds_per_round", 1))
     out: dict[str, Any] = {"grid": name, "replica": index, "full_trials": len(grid),
                            "full_verdict": verdict}
-    methods = {"race": lambda: run_race(grid, order, settings)}
+    strict = RaceSettings(min_seeds=opts["min_seeds"], max_seeds=len(seeds),
+                          seeds_per_round=opts.get("seeds_per_round", 1), drop_alpha=STRICT)
+    methods = {"race": lambda: run_race(grid, order, settings),
+               f"race, drop_alpha {STRICT}": lambda: run_race(grid, order, strict)}
+    if opts.get("synthetic"):  # the same truth, fresh seeds: how reproducible is the answer?
+        again = np.random.default_rng([index, sum(map(ord, name)), 1])
+        methods["full grid, new seeds"] = lambda: _full_again(
+            synthetic_grid(again, effect=opts["effect"], n_seeds=opts.get("n_seeds", 12)))
     if opts.get("peers", True):
         methods["wilcoxon"] = lambda: run_pruner(grid, order, "wilcoxon")
         methods["median"] = lambda: run_pruner(grid, order, "median")
@@ -195,7 +210,8 @@ def summarise(results: list[dict[str, Any]], null_grids: set[str]) -> str:
                      "-",
                      _share([r["full_verdict"] != _NULL for r in rs]) if grid in null_grids
                      else "-"])
-        for method in ("race", "wilcoxon", "median"):
+        for method in ("race", f"race, drop_alpha {STRICT}", "wilcoxon", "median",
+                       "full grid, new seeds"):
             ms = [r[method] for r in rs if method in r]
             if not ms:
                 continue
@@ -244,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs: list[tuple[str, int, dict[str, Any]]] = []
     toy = REPO_ROOT / "docs/results/paper_toy/trials.csv"
     for name, source in (("paper-toy (5 seeds)", toy if toy.is_file() else "/work/runs/paper-toy"),
-                         ("toy10 (10 seeds)", REPO_ROOT / "bench/data/racing_toy10.csv")):
+                         ("toy10 (10 seeds)", REPO_ROOT / "bench/data/racing_toy10.csv"),
+                         ("toy20 (20 seeds)", REPO_ROOT / "bench/data/racing_toy20.csv")):
         if Path(source).exists():
             grid = load_grid(source)
             jobs += [(name, i, {**base, "grid": grid}) for i in range(args.orders)]
@@ -263,8 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Command: `{command_line()}`  ",
         f"{environment_line()}; wall {wall:.0f} s.", "",
         summarise(results, {"synthetic null", "synthetic null, 20 seeds"}), "",
-        "Race: min_seeds 3, 1 seed per round, max_seeds = the grid's seeds, alpha 0.05; claims "
-        "only at the planned claim looks, Bonferroni over them. Peers: Optuna with the "
+        "Race: min_seeds 3, 1 seed per round, max_seeds = the grid's seeds, alpha 0.05; the "
+        "verdict a group-sequential exact sign-flip test (Pocock-type alpha spending over the "
+        "looks), the monotonic references stopped once it is settled; drops before max_seeds "
+        f"at alpha (first row) or drop_alpha {STRICT} (second). 'full grid, new seeds': "
+        "a second synthetic grid with the same truth and fresh seeds, analysed in full, "
+        "against the first: how often the full grid's own answer repeats. Peers: Optuna with the "
         "configurations as trials and the seeds as steps (WilcoxonPruner p_threshold 0.1 on the "
         "per-seed rec; MedianPruner defaults on the running mean). 'same best set': the set "
         "equals the full grid's exactly; 'best kept': the full grid's best configuration is in "

@@ -7,17 +7,24 @@ A race runs the grid's configurations in *rounds of seeds*, every trial to its e
   reference (M = 1, same other axes) of every cyclical configuration still in the race, so the
   verdict can always be computed;
 - after each round (a *look*) ``analyse_trials`` — the same statistics the report uses — is
-  asked for the best set of the configurations still in the race, on the seeds they all have;
-  those not in it leave the race (a reference keeps running for the configurations it serves);
-- the **verdict** (the primary seed-level test) may only be *claimed* at the planned claim looks,
-  each at ``alpha / L`` (Bonferroni over the L claim looks of the plan): the looks from the first
-  one where the exact sign-flip test could reach ``alpha / L`` (2^(1-n) <= alpha / L) to
-  ``max_seeds``. So the chance of a false claim over all looks is at most ``alpha``;
+  asked for the best set of the configurations still in the race, on the seeds they all have,
+  at ``drop_alpha`` (default ``alpha``; ``alpha`` at the last look, as the full grid's best
+  set); those not in it leave the race (a reference keeps running for the configurations it
+  serves). A smaller ``drop_alpha`` drops later: more trials, the full grid's best set more
+  often;
+- the **verdict** (the primary seed-level test of the report: the exact two-sided sign-flip
+  test over seeds of the per-seed difference in the share of trials using z) is a
+  *group-sequential* test: at every look its per-seed differences, in the order the seeds ran,
+  go to ``analysis.sequential_sign_flip``, which spends ``alpha`` over the looks by the
+  Pocock-type function and claims when the running mean crosses that look's exact boundary. So
+  the chance of a false claim over all looks is at most ``alpha``, and a clear effect is claimed
+  as soon as the exact test can show it (6 seeds of 10, 7 of 12 or 20);
 - **settled**: the best set is settled when one configuration is left in it (no more seeds can
   shrink it); the verdict is settled when it has been claimed, or when no claim is possible any
   more (even if every remaining seed to ``max_seeds`` showed the largest possible difference in
-  either direction, the test at the last claim look would not reach ``alpha / L``). The race
-  stops when both are settled, or after the round that reaches ``max_seeds``.
+  either direction, no later look would cross). Once the verdict is settled the monotonic
+  references stop, but for those still in the best set. The race stops when both are settled,
+  or after the round that reaches ``max_seeds``.
 
 The decisions are a pure function of the finished trials' final metrics: :meth:`Race.replay`
 recomputes every round from them, which is how a resumed study finds its round (nothing else is
@@ -34,6 +41,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import analyse_trials  # the report's statistics: the race tests what it reports
+from analysis import sequential_sign_flip
 
 Config = tuple[Any, ...]
 FINISHED = ("completed", "pruned", "error")
@@ -46,6 +54,7 @@ class RaceSettings:
     max_seeds: int = 12
     seeds_per_round: int = 1
     alpha: float = 0.05
+    drop_alpha: float | None = None  # level of the drops before the last look (None: alpha)
     objective: str = "rec"
     kl_threshold: float = 0.1
 
@@ -56,16 +65,6 @@ def look_schedule(s: RaceSettings) -> list[int]:
     while looks[-1] < s.max_seeds:
         looks.append(min(looks[-1] + s.seeds_per_round, s.max_seeds))
     return looks
-
-
-def claim_plan(looks: Sequence[int], alpha: float) -> tuple[list[int], float]:
-    """(claim looks, alpha per claim look): the longest tail of ``looks`` at which the exact
-    sign-flip test can reach alpha / (its length); ([], 0.0) when no look can."""
-    for i in range(len(looks)):
-        tail = list(looks[i:])
-        if all(2.0 ** (1 - n) <= alpha / len(tail) + 1e-15 for n in tail):
-            return tail, alpha / len(tail)
-    return [], 0.0
 
 
 @dataclass
@@ -86,8 +85,6 @@ class RaceState:
     round: int  # the round running now (or the last one, when done)
     n_rounds_planned: int
     looks: list[int]
-    claim_looks: list[int]
-    alpha_claim: float
     done: bool
     pending: list[tuple[Config, int]]  # (configuration, seed) still to run in this round
     running: list[Config]  # configurations this round runs
@@ -124,7 +121,6 @@ class Race:
             len(self.seeds)]
         if self.looks[-1] < len(self.seeds):
             self.looks.append(len(self.seeds))
-        self.claim_looks, self.alpha_claim = claim_plan(self.looks, settings.alpha)
         m = self.keys.index("n_cycles")
         present = set(self.configs)
         self.reference: dict[Config, Config | None] = {}
@@ -136,9 +132,13 @@ class Race:
     def as_dict(self, c: Config) -> dict[str, Any]:
         return dict(zip(self.keys, c, strict=True))
 
-    def running_set(self, candidates: Sequence[Config]) -> list[Config]:
-        """The candidates and the monotonic references they need, in grid order."""
-        want = set(candidates) | {self.reference[c] for c in candidates if self.reference[c]}
+    def running_set(self, candidates: Sequence[Config], *,
+                    references: bool = True) -> list[Config]:
+        """The candidates and (while the verdict is open) the monotonic references they need,
+        in grid order."""
+        want = set(candidates)
+        if references:
+            want |= {self.reference[c] for c in candidates if self.reference[c]}
         return [c for c in self.configs if c in want]
 
     def _index(self, results: pd.DataFrame) -> tuple[dict[tuple[Config, int], str], pd.DataFrame]:
@@ -167,19 +167,19 @@ class Race:
         candidates = list(self.configs)
         records = {c: ConfigRecord(self.as_dict(c)) for c in self.configs}
         verdict: str | None = None
-        verdict_settled = not self.claim_looks
+        verdict_settled = False
         claimed_at: int | None = None
         rounds: list[dict[str, Any]] = []
         used: set[tuple[Config, int]] = set()
         prev_n = 0
         for k, n in enumerate(self.looks, start=1):
-            running = self.running_set(candidates)
+            running = self.running_set(candidates, references=not verdict_settled)
             needed = [(c, seed) for c in running for seed in self.seeds[prev_n:n]]
             missing = [x for x in needed if x not in finished]
 
             def state(done: bool, reason: str | None = None) -> RaceState:
-                return RaceState(k, len(self.looks), self.looks, self.claim_looks,  # noqa: B023
-                                 self.alpha_claim, done, [] if done else missing,  # noqa: B023
+                return RaceState(k, len(self.looks), self.looks,
+                                 done, [] if done else missing,  # noqa: B023
                                  running, list(candidates), verdict,  # noqa: B023
                                  verdict_settled, claimed_at, records, rounds,  # noqa: B023
                                  reason)  # called in the iteration that defines it
@@ -195,14 +195,16 @@ class Race:
             in_race = ran[ran["_config"].isin(set(candidates)) & ran["seed"].isin(seeds_now)]
             look: dict[str, Any] = {"round": k, "n_seeds": n, "running": len(running),
                                     "candidates_before": len(candidates)}
-            candidates = self._drop(in_race, candidates, records, k, n)
+            level = (self.settings.alpha if n == self.looks[-1]
+                     or self.settings.drop_alpha is None else self.settings.drop_alpha)
+            candidates = self._drop(in_race, candidates, records, k, n, level)
             for c in running:
                 records[c].reference_only = c not in candidates
             look["candidates_after"] = len(candidates)
             if not verdict_settled:
-                verdict, verdict_settled, claimed_at, look_p = self._verdict_look(
-                    ran, n, running)
-                look["primary_p"] = look_p
+                verdict, verdict_settled, claimed_at, look_p, bound, spent = (
+                    self._verdict_look(ran, k))
+                look.update(primary_p=look_p, boundary=bound, alpha_spent=spent)
             look["verdict"] = verdict
             rounds.append(look)
             best_settled = len(candidates) <= 1
@@ -214,11 +216,12 @@ class Race:
         raise AssertionError("unreachable: the last look ends the race")
 
     def _drop(self, in_race: pd.DataFrame, candidates: list[Config],
-              records: dict[Config, ConfigRecord], k: int, n: int) -> list[Config]:
+              records: dict[Config, ConfigRecord], k: int, n: int,
+              level: float) -> list[Config]:
         if len(candidates) <= 1:
             return candidates
         a = self.analyse(in_race.drop(columns=["_config"]), objective=self.settings.objective,
-                         kl_threshold=self.settings.kl_threshold, alpha=self.settings.alpha)
+                         kl_threshold=self.settings.kl_threshold, alpha=level)
         best = {c for c in candidates if any(self._matches(c, b) for b in a.best_set)}
         keep = [c for c in candidates if c in best]
         if not keep:  # the analysis kept none of them (e.g. no usable rows): nothing leaves
@@ -252,40 +255,49 @@ class Race:
             return False
         return name.endswith(label)
 
-    def _verdict_look(self, ran: pd.DataFrame, n: int,
-                      running: list[Config]) -> tuple[str | None, bool, int | None, float]:
-        """(verdict or None, settled, seeds at claim, the primary p at this look)."""
+    def _verdict_look(self, ran: pd.DataFrame, k: int) -> tuple[
+            str | None, bool, int | None, float, float | None, float | None]:
+        """(verdict or None, settled, seeds at claim, the fixed-sample primary p at this look,
+        this look's boundary on the |mean| difference, the alpha spent so far)."""
         s = self.settings
-        data = ran.drop(columns=["_config"])
-        kwargs = {"objective": s.objective, "kl_threshold": s.kl_threshold,
-                  "alpha": self.alpha_claim}
-        a = self.analyse(data, **kwargs)
+        a = self.analyse(ran.drop(columns=["_config"]), objective=s.objective,
+                         kl_threshold=s.kl_threshold, alpha=s.alpha)
         p = float(a.primary.get("p", math.nan))
-        if n in self.claim_looks and a.verdict != _NO_DIFFERENCE:
-            return a.verdict, True, n, p
-        later = [m for m in self.claim_looks if m > n]
-        if not later:
-            return None, True, None, p  # no claim look left
-        for direction in (1, -1):  # could the most extreme remaining seeds still claim?
-            extra = self._extreme_rows(running, n, later[-1], direction)
-            if self.analyse(pd.concat([data, extra], ignore_index=True),
-                            **kwargs).verdict != _NO_DIFFERENCE:
-                return None, False, None, p
-        return None, True, None, p  # futile: the verdict stays no_difference_shown
+        per_seed = dict(zip(a.primary.get("seeds", []),
+                            a.primary.get("per_seed", {}).get("difference", []), strict=True))
+        ordered = [s_ for s_ in self.seeds if s_ in per_seed]  # the order the seeds ran
+        diffs = [float(per_seed[s_]) for s_ in ordered]
+        looks = _counts(self.seeds, ordered, self.looks[:k])
+        if not looks:
+            return None, False, None, p, None, None  # no paired seed yet
+        final = self.looks[-1]
+        first, bounds, spent = sequential_sign_flip(diffs, looks, final, s.alpha)
+        n = self.looks[k - 1]
+        if first is not None:
+            mean = sum(diffs[: looks[-1]]) / looks[-1]
+            verdict = "cyclical_better" if mean > 0 else "monotonic_better"
+            return verdict, True, n, p, bounds[-1], spent[-1]
+        if k == len(self.looks):
+            return None, True, None, p, bounds[-1], spent[-1]  # no look left
+        future = self.looks[k:]  # could the most extreme remaining seeds still cross?
+        all_looks = looks + [looks[-1] + m - n for m in future]
+        for direction in (1.0, -1.0):
+            extreme = diffs[: looks[-1]] + [direction] * (final - n)
+            if sequential_sign_flip(extreme, all_looks, final, s.alpha)[0] is not None:
+                return None, False, None, p, bounds[-1], spent[-1]
+        return None, True, None, p, bounds[-1], spent[-1]  # futile: no_difference_shown
 
-    def _extreme_rows(self, running: list[Config], n: int, upto: int,
-                      direction: int) -> pd.DataFrame:
-        """Hypothetical trials for seeds n..upto: cyclical ones use z and monotonic ones do not
-        (direction 1), or the opposite (-1)."""
-        m = self.keys.index("n_cycles")
-        rows = []
-        for i in range(n, upto):
-            for c in running:
-                uses = (c[m] > 1) == (direction > 0)
-                rows.append({**self.as_dict(c), "seed": -1_000_000 - i, "status": "completed",
-                             "kl": 1.0 if uses else 0.0, "rec": 0.0, "elbo": 0.0,
-                             self.settings.objective: 0.0})
-        return pd.DataFrame(rows)
+
+def _counts(seeds: Sequence[int], paired: Sequence[int], looks: Sequence[int]) -> list[int]:
+    """How many of the first ``look`` seeds have a paired difference, per look (the looks of
+    the sequential test: strictly increasing, empty looks left out)."""
+    have = set(paired)
+    out: list[int] = []
+    for m in looks:
+        c = sum(1 for s in seeds[:m] if s in have)
+        if c and (not out or c > out[-1]):
+            out.append(c)
+    return out
 
 
 def race_json(race: Race, state: RaceState, *, final_analysis: Any | None = None,
@@ -305,9 +317,10 @@ def race_json(race: Race, state: RaceState, *, final_analysis: Any | None = None
                                                   and c in state.running)})
     out = {"settings": {"min_seeds": s.min_seeds, "max_seeds": s.max_seeds,
                         "seeds_per_round": s.seeds_per_round, "alpha": s.alpha,
+                        "drop_alpha": s.alpha if s.drop_alpha is None else s.drop_alpha,
                         "objective": s.objective, "kl_threshold": s.kl_threshold},
-           "looks": state.looks, "claim_looks": state.claim_looks,
-           "alpha_per_claim_look": state.alpha_claim, "round": state.round,
+           "looks": state.looks, "verdict_test": "group-sequential exact sign-flip, "
+           "Pocock-type alpha spending", "round": state.round,
            "done": state.done, "stop_reason": state.stop_reason,
            "verdict": state.final_verdict() if state.done else state.verdict,
            "verdict_settled": state.verdict_settled, "claimed_at_seeds": state.claimed_at,
@@ -329,9 +342,10 @@ def race_section_markdown(data: dict[str, Any]) -> str:
         "## Race",
         "",
         f"Racing over seeds: min_seeds {s['min_seeds']}, max_seeds {s['max_seeds']}, "
-        f"{s['seeds_per_round']} seed(s) per round, alpha {s['alpha']}; claims allowed at "
-        f"{data['claim_looks'] or 'no look'} seeds, each at alpha "
-        f"{data['alpha_per_claim_look']:.4g} (Bonferroni over the claim looks).",
+        f"{s['seeds_per_round']} seed(s) per round, alpha {s['alpha']}, drops before max_seeds "
+        f"at {s.get('drop_alpha', s['alpha'])}; the verdict is a "
+        "group-sequential exact sign-flip test over the looks (Pocock-type alpha spending: "
+        "a false claim over all looks has chance at most alpha).",
         f"Stopped: {data['stop_reason'] or 'still running'} after round {data['round']}; "
         f"{data['trials_used']} trials"
         + (f" of the full grid's {data['grid_trials']}" if data.get("grid_trials") else "")

@@ -43,7 +43,7 @@ def race_of(spec: StudySpec) -> Race:
             configs.append(dict(zip(RACE_KEYS, key, strict=True)))
     settings = RaceSettings(min_seeds=s["min_seeds"], max_seeds=s["max_seeds"],
                             seeds_per_round=s["seeds_per_round"], alpha=s["alpha"],
-                            objective=spec.objective.metric)
+                            drop_alpha=s["drop_alpha"], objective=spec.objective.metric)
     return Race(configs, spec.grid_seeds(), settings)
 
 

@@ -114,6 +114,8 @@ class SearchSpec(_Section):
     max_seeds: PosInt | None = None  # race: most seeds per configuration (default 12)
     seeds_per_round: PosInt | None = None  # race: seeds added per later round (default 1)
     alpha: Annotated[float, _range(0, 1, lo_open=True, hi_open=True)] | None = None  # race
+    # race: level of the drops before max_seeds (default alpha; smaller drops later)
+    drop_alpha: Annotated[float, _range(0, 1, lo_open=True, hi_open=True)] | None = None
 
     @model_validator(mode="after")
     def _race_options(self) -> SearchSpec:

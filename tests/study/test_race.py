@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from study._race import Race, RaceSettings, claim_plan, look_schedule, race_json
+from study._race import Race, RaceSettings, look_schedule, race_json
 from study._race import analyse_trials
 from study._spec import parse_spec
 from study._spec_yaml import SpecError
@@ -64,11 +64,43 @@ def test_a_race_drops_the_worse_configurations_and_keeps_their_references_runnin
 def test_a_race_stops_when_best_set_and_verdict_are_settled() -> None:
     grid = clear_grid()
     race = race_over(grid, min_seeds=3, max_seeds=8)
-    assert race.claim_looks == [7, 8] and race.alpha_claim == pytest.approx(0.025)
     state = race.replay(grid)
     assert state.done and state.stop_reason == "best set and verdict settled"
-    assert state.final_verdict() == "cyclical_better" and state.claimed_at == 7
-    assert state.round == 5 and state.looks[state.round - 1] == 7  # before max_seeds 8
+    # every seed agrees: the group-sequential test claims at 6 seeds, the first count at
+    # which the exact test can reach 5% (Bonferroni over the looks that can claim, 7-8
+    # seeds at 0.025 each, needed 7)
+    assert state.final_verdict() == "cyclical_better" and state.claimed_at == 6
+    assert state.round == 4 and state.looks[state.round - 1] == 6  # before max_seeds 8
+    assert state.rounds[-1]["alpha_spent"] <= 0.05
+
+
+def test_references_stop_once_the_verdict_is_settled() -> None:
+    """M 4 R 0.5 and M 4 R 1 use z in every seed: the best set keeps both to max_seeds, but
+    their monotonic references are not needed after the claim at 6 seeds."""
+    grid = clear_grid(n_seeds=10)
+    tie = (grid["n_cycles"] == 4) & (grid["ratio"] == 1.0)
+    best = (grid["n_cycles"] == 4) & (grid["ratio"] == 0.5)
+    grid.loc[tie, "kl"], grid.loc[tie, "rec"] = 0.5, grid.loc[best, "rec"].to_numpy()
+    state = race_over(grid, min_seeds=3, max_seeds=10).replay(grid)
+    rec = state.records
+    assert state.claimed_at == 6 and state.stop_reason == "max_seeds reached"
+    assert sorted(state.candidates) == [(4, 0.5, "linear", 1.0), (4, 1.0, "linear", 1.0)]
+    assert rec[(4, 0.5, "linear", 1.0)].n_seeds == rec[(4, 1.0, "linear", 1.0)].n_seeds == 10
+    assert rec[(1, 0.5, "linear", 1.0)].n_seeds == rec[(1, 1.0, "linear", 1.0)].n_seeds == 6
+    assert state.trials_used == 2 * 10 + 2 * 6 + 2 * 5  # M 2 left at 5 seeds
+
+
+def test_a_smaller_drop_alpha_keeps_configurations_longer() -> None:
+    """At drop_alpha 0.01 a one-sided sign-flip max-T needs 7 seeds (1/2^7 <= 0.01) to drop,
+    not 5: the worse configurations leave later and the race costs more trials."""
+    grid = clear_grid(n_seeds=10)
+    default = race_over(grid, min_seeds=3, max_seeds=10).replay(grid)
+    strict = race_over(grid, min_seeds=3, max_seeds=10, drop_alpha=0.01).replay(grid)
+    worse = (2, 0.5, "linear", 1.0)
+    assert default.records[worse].left_at_seeds == 5
+    assert strict.records[worse].left_at_seeds == 7
+    assert strict.trials_used > default.trials_used
+    assert strict.candidates == default.candidates == [(4, 0.5, "linear", 1.0)]
 
 
 def test_a_race_on_a_null_grid_claims_nothing_and_runs_to_max_seeds() -> None:
@@ -109,13 +141,8 @@ def test_a_failed_trial_counts_as_run_and_the_race_goes_on() -> None:
     assert state.done and state.final_verdict() == "cyclical_better"
 
 
-def test_claims_are_bonferroni_over_the_looks_that_can_claim() -> None:
-    looks = look_schedule(RaceSettings(min_seeds=3, max_seeds=12))
-    assert looks == list(range(3, 13))
-    claims, alpha = claim_plan(looks, 0.05)
-    assert claims == [8, 9, 10, 11, 12] and alpha == pytest.approx(0.01)
-    assert all(2.0 ** (1 - n) <= alpha for n in claims)  # each look can reject at its share
-    assert claim_plan([3, 4, 5], 0.05) == ([], 0.0)  # 5 seeds cannot reach 5%
+def test_the_look_schedule_adds_seeds_per_round_up_to_max_seeds() -> None:
+    assert look_schedule(RaceSettings(min_seeds=3, max_seeds=12)) == list(range(3, 13))
     assert look_schedule(RaceSettings(min_seeds=3, max_seeds=8, seeds_per_round=2)) == [
         3, 5, 7, 8]
 
@@ -166,7 +193,9 @@ SPEC = {
 def test_a_race_spec_resolves_its_options_and_grid() -> None:
     spec = parse_spec(SPEC)
     assert spec.search.race() == {"min_seeds": 2, "max_seeds": 3, "seeds_per_round": 1,
-                                  "alpha": 0.05}
+                                  "alpha": 0.05, "drop_alpha": 0.05}
+    stricter = parse_spec({**SPEC, "search": {**SPEC["search"], "drop_alpha": 0.01}})
+    assert stricter.search.race()["drop_alpha"] == 0.01
     assert spec.grid_seeds() == [0, 1, 2] and spec.n_trials() == 6
     assert {c.seed for c in spec.grid_configs()} == {0, 1, 2}
 
@@ -177,6 +206,10 @@ def test_a_race_spec_resolves_its_options_and_grid() -> None:
      "search.max_seeds: must be >= search.min_seeds (3), got 2"),
     ({"kind": "race", "alpha": 0.7}, None, "search.alpha: must be in (0, 0.5), got 0.7"),
     ({"kind": "race", "alpha": 0}, None, "search.alpha: must be in (0, 1)"),
+    ({"kind": "race", "alpha": 0.05, "drop_alpha": 0.1}, None,
+     "search.drop_alpha: must be in (0, search.alpha (0.05)], got 0.1"),
+    ({"kind": "grid", "drop_alpha": 0.01}, None,
+     "search.drop_alpha: only used when search.kind is 'race', got 0.01"),
     ({"kind": "grid", "max_seeds": 5}, None,
      "search.max_seeds: only used when search.kind is 'race', got 5"),
     ({"kind": "race"}, [0, 1, 2], "seeds: a race with search.max_seeds 12 needs at least 12"),
