@@ -175,8 +175,10 @@ def _build_tuner(spec: StudySpec, sd: StudyDir, context: dict[str, Any], optuna_
         tune_config = tune.TuneConfig(scheduler=scheduler,
                                       max_concurrent_trials=r.max_concurrent_trials,
                                       reuse_actors=True)
+    race = spec.search.kind == "race"  # a round: its trials and the earlier rounds', not the grid
     recorder = StudyRecorder(sd, study_name=spec.name, configs=configs, mirror=mirror,
-                             tracking_uri=context["tracking_uri"], n_trials=spec.n_trials(),
+                             tracking_uri=context["tracking_uri"],
+                             n_trials=None if race else spec.n_trials(),
                              objective=(spec.objective.metric, spec.objective.mode))
     if spec.search.kind == "race":
         recorder.progress_prefix = f"race round {context['run_tags']['race_round']}: "

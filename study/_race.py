@@ -314,7 +314,7 @@ def race_json(race: Race, state: RaceState, *, final_analysis: Any | None = None
                         "left_round": r.left_round, "left_at_seeds": r.left_at_seeds,
                         "left_test": r.left_test, "left_p_adj": r.left_p_adj,
                         "kept_as_reference": bool(r.reference_only and r.left_round
-                                                  and c in state.running)})
+                                                  and r.n_seeds > (r.left_at_seeds or 0))})
     out = {"settings": {"min_seeds": s.min_seeds, "max_seeds": s.max_seeds,
                         "seeds_per_round": s.seeds_per_round, "alpha": s.alpha,
                         "drop_alpha": s.alpha if s.drop_alpha is None else s.drop_alpha,

@@ -78,7 +78,7 @@ class StudyRecorder(Callback):
         self.study_name = study_name
         self.mirror = mirror
         self.tracking_uri = tracking_uri
-        self.n_trials = n_trials if n_trials is not None else len(configs)
+        self._n_trials = n_trials  # None (a race's round): the trials known so far
         self.trials: dict[str, dict[str, Any]] = {c.trial_id: self._new_row(c) for c in configs}
         self._rows: list[dict[str, Any]] = []
         self._latents: list[dict[str, Any]] = []
@@ -90,6 +90,12 @@ class StudyRecorder(Callback):
         self._started = time.monotonic()
         self._writers: tuple[PartWriter, PartWriter] | None = None
         self._client: Any = None
+
+    @property
+    def n_trials(self) -> int:
+        """The study's trials (``n_trials``), or, without it, the trials known so far: those on
+        disk after :meth:`setup` and this run's (a race's earlier rounds and its due one)."""
+        return self._n_trials if self._n_trials is not None else len(self.trials)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -88,3 +88,23 @@ def test_a_trial_ending_with_a_nan_objective_is_an_error_as_its_optuna_twin_fail
     rec.on_trial_complete(0, [], done)
     row = rec.trials["t0"]
     assert row["status"] == "error" and "valid/elbo is nan" in row["error"]
+
+
+def test_a_race_rounds_progress_counts_the_trials_asked_for_so_far(tmp_path):
+    """A race's recorder (no n_trials) counts the earlier rounds' trials on disk and this
+    round's, not the whole grid: round 2's line must not show the grid's trials as pending."""
+    first = recorder(tmp_path)  # round 1: t0 and t1
+    for c in CONFIGS:
+        t = trial(c, last=result(10, -2.5, final=True))
+        first.on_trial_start(0, [], t)
+        first.on_trial_result(0, [], t, result(10, -2.5, final=True))
+        first.on_trial_complete(0, [], t)
+    round_2 = [TrialConfig(trial_id="t2", n_cycles=4, ratio=0.5, seed=1)]
+    rec = StudyRecorder(StudyDir(tmp_path), study_name="s", configs=round_2, mirror=Mirror(),
+                        tracking_uri=None, objective=("elbo", "max"))
+    rec.setup()
+    assert "trials 3: 2 done, 0 pruned, 0 running, 0 failed, 1 pending" in rec.progress_line()
+    fixed = StudyRecorder(StudyDir(tmp_path), study_name="s", configs=round_2, mirror=Mirror(),
+                          tracking_uri=None, n_trials=8, objective=("elbo", "max"))
+    fixed.setup()
+    assert "trials 8: 2 done, 0 pruned, 0 running, 0 failed, 6 pending" in fixed.progress_line()
