@@ -187,6 +187,14 @@ class StudySpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _race_prunes_only_when_asked(self) -> StudySpec:
+        """A race never stops a trial early unless ``pruning.pruner`` is named (issue 19)."""
+        if self.search.kind == "race" and "pruner" not in self.pruning.model_fields_set:
+            object.__setattr__(self, "pruning",
+                               self.pruning.model_copy(update={"pruner": "none"}))
+        return self
+
+    @model_validator(mode="after")
     def _race_has_seeds(self) -> StudySpec:
         problem = race_seed_problem(self.search, self.seeds)
         if problem is not None:

@@ -323,3 +323,12 @@ def test_the_racing_bench_replays_one_replica_of_each_synthetic_grid() -> None:
     assert set(out) >= {"race", "wilcoxon", "median"}
     assert 0 < out["race"]["trials"] < 576 and out["race"]["best_kept"]
     assert out["median"]["trials"] < 576  # the pruner pruned something
+
+
+def test_a_race_prunes_nothing_unless_a_pruner_is_named() -> None:
+    bare = {k: v for k, v in SPEC.items() if k != "pruning"}
+    assert parse_spec(bare).pruning.pruner == "none"  # every trial of a race runs to its end
+    assert parse_spec({**bare, "pruning": {"patience": 3}}).pruning.pruner == "none"
+    named = parse_spec({**bare, "pruning": {"pruner": "median"}})
+    assert named.pruning.pruner == "median"  # the explicit option
+    assert parse_spec({**bare, "search": {"kind": "grid"}}).pruning.pruner == "median"
