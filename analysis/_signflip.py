@@ -179,7 +179,8 @@ def sequential_sign_flip(diffs: np.ndarray, looks: list[int], n_final: int,
         the alpha spent by each look, cumulative).
     """
     d = np.asarray(diffs, dtype=float)
-    if not looks or looks[-1] > d.size or any(b <= a for a, b in zip(looks, looks[1:])):
+    steps = zip(looks, looks[1:], strict=False)
+    if not looks or looks[-1] > d.size or any(b <= a for a, b in steps):
         raise ValueError(f"looks must increase and end within the {d.size} diffs, got {looks}")
     n = looks[-1]
     signs = sign_matrix(n)

@@ -40,8 +40,10 @@ from typing import Any
 
 import pandas as pd
 
-from analysis import analyse_trials  # the report's statistics: the race tests what it reports
-from analysis import sequential_sign_flip
+from analysis import (
+    analyse_trials,  # the report's statistics: the race tests what it reports
+    sequential_sign_flip,
+)
 
 Config = tuple[Any, ...]
 FINISHED = ("completed", "pruned", "error")
@@ -178,7 +180,7 @@ class Race:
             missing = [x for x in needed if x not in finished]
 
             def state(done: bool, reason: str | None = None) -> RaceState:
-                return RaceState(k, len(self.looks), self.looks,
+                return RaceState(k, len(self.looks), self.looks,  # noqa: B023
                                  done, [] if done else missing,  # noqa: B023
                                  running, list(candidates), verdict,  # noqa: B023
                                  verdict_settled, claimed_at, records, rounds,  # noqa: B023

@@ -26,6 +26,7 @@ from pydantic import (
 from study._grid import interleaved_points
 from study._spec_errors import spec_error
 from study._spec_model import DataSpec, ModelSpec, _treebank_available  # noqa: F401
+from study._spec_race import race_seed_problem
 from study._spec_sections import (  # noqa: F401 - re-exported: study._spec is the spec's API
     OBJECTIVE_MODES,
     ObjectiveMetric,
@@ -48,7 +49,6 @@ from study._spec_types import (  # noqa: F401
     _fail,
     _Section,
 )
-from study._spec_race import race_seed_problem
 from study._spec_yaml import SpecError, read_yaml
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ def race_problem(search: Any) -> tuple[str, str, Any] | None:
     """(field, message, value) of the first problem with the race options, or None.
 
     Outside a race the options must be absent; in one, 2 <= min_seeds <= max_seeds,
-    seeds_per_round >= 1, 0 < alpha < 0.5 and 0 < drop_alpha <= alpha (range checks of single fields come first, from
-    the field types)."""
+    seeds_per_round >= 1, 0 < alpha < 0.5 and 0 < drop_alpha <= alpha (range checks of single
+    fields come first, from the field types)."""
     given = {f: getattr(search, f) for f in RACE_FIELDS if getattr(search, f) is not None}
     if search.kind != "race":
         for name, value in given.items():

@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from study._race import Race, RaceSettings, look_schedule, race_json
-from study._race import analyse_trials
+from study._race import Race, RaceSettings, analyse_trials, look_schedule, race_json
 from study._spec import parse_spec
 from study._spec_yaml import SpecError
 
