@@ -24,6 +24,7 @@ the configurations it did not prune; its verdict the analysis of every trial it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import sys
 import time
@@ -174,8 +175,7 @@ def replicate(job: tuple[str, int, dict[str, Any]]) -> dict[str, Any]:
                             seeds_per_round=opts.get("seeds_per_round", 1))
     out: dict[str, Any] = {"grid": name, "replica": index, "full_trials": len(grid),
                            "full_verdict": verdict}
-    strict = RaceSettings(min_seeds=opts["min_seeds"], max_seeds=len(seeds),
-                          seeds_per_round=opts.get("seeds_per_round", 1), drop_alpha=STRICT)
+    strict = dataclasses.replace(settings, drop_alpha=STRICT)
     methods = {"race": lambda: run_race(grid, order, settings),
                f"race, drop_alpha {STRICT}": lambda: run_race(grid, order, strict)}
     if opts.get("synthetic"):  # the same truth, fresh seeds: how reproducible is the answer?

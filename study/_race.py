@@ -41,13 +41,14 @@ from typing import Any
 import pandas as pd
 
 from analysis import (
+    VERDICTS,
     analyse_trials,  # the report's statistics: the race tests what it reports
     sequential_sign_flip,
 )
 
 Config = tuple[Any, ...]
 FINISHED = ("completed", "pruned", "error")
-_NO_DIFFERENCE = "no_difference_shown"
+_CYCLICAL_BETTER, _MONOTONIC_BETTER, _NO_DIFFERENCE = VERDICTS
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class RaceSettings:
     drop_alpha: float | None = None  # level of the drops before the last look (None: alpha)
     objective: str = "rec"
     kl_threshold: float = 0.1
+
+    def drop_level(self, *, last: bool) -> float:
+        """The level of the drops at a look: ``alpha`` at the last one (as the full grid's best
+        set), ``drop_alpha`` (default ``alpha``) before it."""
+        return self.alpha if last or self.drop_alpha is None else self.drop_alpha
 
 
 def look_schedule(s: RaceSettings) -> list[int]:
@@ -197,8 +203,7 @@ class Race:
             in_race = ran[ran["_config"].isin(set(candidates)) & ran["seed"].isin(seeds_now)]
             look: dict[str, Any] = {"round": k, "n_seeds": n, "running": len(running),
                                     "candidates_before": len(candidates)}
-            level = (self.settings.alpha if n == self.looks[-1]
-                     or self.settings.drop_alpha is None else self.settings.drop_alpha)
+            level = self.settings.drop_level(last=n == self.looks[-1])
             candidates = self._drop(in_race, candidates, records, k, n, level)
             for c in running:
                 records[c].reference_only = c not in candidates
@@ -277,7 +282,7 @@ class Race:
         n = self.looks[k - 1]
         if first is not None:
             mean = sum(diffs[: looks[-1]]) / looks[-1]
-            verdict = "cyclical_better" if mean > 0 else "monotonic_better"
+            verdict = _CYCLICAL_BETTER if mean > 0 else _MONOTONIC_BETTER
             return verdict, True, n, p, bounds[-1], spent[-1]
         if k == len(self.looks):
             return None, True, None, p, bounds[-1], spent[-1]  # no look left
@@ -319,7 +324,7 @@ def race_json(race: Race, state: RaceState, *, final_analysis: Any | None = None
                                                   and r.n_seeds > (r.left_at_seeds or 0))})
     out = {"settings": {"min_seeds": s.min_seeds, "max_seeds": s.max_seeds,
                         "seeds_per_round": s.seeds_per_round, "alpha": s.alpha,
-                        "drop_alpha": s.alpha if s.drop_alpha is None else s.drop_alpha,
+                        "drop_alpha": s.drop_level(last=False),
                         "objective": s.objective, "kl_threshold": s.kl_threshold},
            "looks": state.looks, "verdict_test": "group-sequential exact sign-flip, "
            "Pocock-type alpha spending", "round": state.round,
